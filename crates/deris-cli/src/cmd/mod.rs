@@ -1,0 +1,6 @@
+//! One module per subcommand: its clap `Args` and its `run`.
+
+pub mod convert;
+pub mod dump;
+pub mod prepare;
+pub mod tokenize;

@@ -1,0 +1,58 @@
+//! The `deris` command. `main` only parses, dispatches and reports: every error is printed with
+//! its full context chain and the process exits with status 2.
+
+#[cfg(feature = "mkl")]
+extern crate intel_mkl_src;
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// DeRIS referring image segmentation.
+#[derive(Parser, Debug)]
+#[command(name = "deris", version, about)]
+struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Tokenize JSON lines `{"text": ...}` from stdin into `{"ids", "attention_mask"}` lines.
+    Tokenize(cmd::tokenize::Args),
+    /// Run the model on the `input.*` tensors of a golden file and write every intermediate.
+    Dump(cmd::dump::Args),
+    /// Convert a `.pth` checkpoint into a clean `.safetensors` of the model weights.
+    Convert(cmd::convert::Args),
+    /// Preprocess an image (and tokenize a sentence) and describe the model inputs.
+    Prepare(cmd::prepare::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Dump(a) => cmd::dump::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Prepare(a) => cmd::prepare::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,1 @@
+//! Custom tensor ops for deris (in progress).

@@ -1,0 +1,31 @@
+//! # deris
+//!
+//! DeRIS (ICCV 2025) referring image segmentation in Rust, on candle. It loads the authors'
+//! released checkpoints (`.pth` or `.safetensors`) and reproduces their outputs.
+//!
+//! The layout follows the paper's figure:
+//! - [`cognition`]: BEiT-3 and the multi-grain aligner (`understanding_branch.*`);
+//! - [`perception`]: Swin, the deformable pixel decoder (`perception_branch.*`);
+//! - [`loopback`]: the loopback decoder (`perception_branch.predictor.*`);
+//! - [`post`]: scores, masks, the no-target decision;
+//! - [`preprocess`]: OpenCV-exact image resizing and the BEiT-3 tokenizer;
+//! - [`checkpoint`]: the one place that maps checkpoint files and keys to modules.
+//!
+//! Features: `cuda` (CUDA device and kernels), `mkl` (Intel MKL matmuls). Features change speed,
+//! never results.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
+
+pub mod checkpoint;
+pub mod cognition;
+pub mod config;
+pub mod error;
+pub mod loopback;
+pub mod nn;
+pub mod perception;
+pub mod post;
+pub mod preprocess;
+pub mod taps;
+
+pub use config::{DerisConfig, Preset};
+pub use error::{Error, Result};
+pub use taps::Taps;

@@ -1,0 +1,32 @@
+//! Building blocks shared by every branch: attention, norms, MLPs, position embeddings and
+//! interpolation. Each is written once and tested against PyTorch's semantics.
+
+pub mod interpolate;
+pub mod mha;
+pub mod mlp;
+pub mod pos_embed;
+
+use candle_core::{Result, Tensor};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+
+/// `nn.Linear(i, o)` with bias: weight `[o, i]`, bias `[o]`.
+pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(i, o, vb)
+}
+
+/// `nn.Linear(i, o, bias=False)`.
+pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(i, o, vb)
+}
+
+/// `nn.LayerNorm(dim, eps)` with affine weight and bias.
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get(dim, "weight")?;
+    let bias = vb.get(dim, "bias")?;
+    Ok(LayerNorm::new(weight, bias, eps))
+}
+
+/// Applies a Linear to a tensor of any rank ≥ 2 (the last axis is the feature axis).
+pub fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    l.forward(x)
+}

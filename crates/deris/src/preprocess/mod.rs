@@ -1,0 +1,4 @@
+//! Turning user inputs into model inputs exactly as the authors' pipeline does.
+
+pub mod image;
+pub mod text;
