@@ -152,6 +152,23 @@ pub struct RuntimeConfig {
     /// Query-mask binarisation threshold on the sigmoid (0.5).
     #[serde(default = "d_half")]
     pub mask_threshold: f64,
+    /// Whether images in a batch influence each other (the authors' `query_SA` quirk).
+    #[serde(default)]
+    pub batch_coupling: BatchCoupling,
+}
+
+/// How the loopback's `query_SA` treats the batch.
+///
+/// The authors' `query_SA` is a sequence-first `nn.MultiheadAttention` fed `[B, N, C]`, so it
+/// attends across the **batch**: an image's outputs depend on its batch-mates (MODEL-SPEC §6.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchCoupling {
+    /// Every image is computed as if alone: outputs equal batch-1 runs. The default.
+    #[default]
+    PerImage,
+    /// The authors' coupled behaviour, to reproduce their batched numbers exactly.
+    Reference,
 }
 
 fn d_patch16() -> usize {
@@ -315,6 +332,7 @@ impl DerisConfig {
                 max_token,
                 score_threshold,
                 mask_threshold: 0.5,
+                batch_coupling: BatchCoupling::PerImage,
             },
         }
     }
