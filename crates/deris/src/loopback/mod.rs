@@ -20,26 +20,13 @@ pub mod q2tca;
 use candle_core::{Result, Tensor};
 use candle_nn::{Conv2d, Module, VarBuilder};
 
+pub use crate::config::BatchCoupling;
 use crate::config::DerisConfig;
 use crate::nn::{interpolate::resize_bilinear, mha, pos_embed};
 use crate::taps::Taps;
 use heads::{attention_block_mask, masked_attention_bias, repeat_heads, PredictionHeads};
 use interaction::{LoopbackInteraction, TextContext};
 use layers::{CrossAttentionLayer, FfnLayer, SelfAttentionLayer};
-
-/// How `query_SA` treats the batch.
-///
-/// The authors' `query_SA` is a sequence-first `nn.MultiheadAttention` fed `[B, N, C]`, so it
-/// attends across the **batch**: with `B > 1` an image's outputs depend on its batch-mates
-/// (MODEL-SPEC §6.3, tiny-a quirk 1). At `B = 1` both modes are identical.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum BatchCoupling {
-    /// Every image as if it were alone (the batch-1 outputs, the canonical single-image result).
-    #[default]
-    PerImage,
-    /// The authors' coupled behaviour: attention over the images of the batch.
-    Reference,
-}
 
 /// Predictions of one round (training targets the first `dec_layers` of them).
 #[derive(Debug, Clone)]
