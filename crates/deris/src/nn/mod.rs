@@ -4,6 +4,7 @@
 pub mod interpolate;
 pub mod mha;
 pub mod mlp;
+pub mod multiway;
 pub mod pos_embed;
 
 use candle_core::{Result, Tensor};
