@@ -4,7 +4,9 @@
 //! - [`ms_deform_attn`] / [`ms_deform_attn_reference`]: multi-scale deformable attention
 //!   (Deformable DETR's `MSDeformAttnFunction`), forward and backward. The CPU path is
 //!   multithreaded with rayon; with the `cuda` feature the op also runs CUDA kernels
-//!   (`kernels/ms_deform_attn.cu`, compiled to PTX by `build.rs`).
+//!   (`kernels/ms_deform_attn.cu`, compiled to PTX by `build.rs`). `kernels/check_cuda.py` checks
+//!   those kernels on a GPU against PyTorch's `grid_sample` and autograd without building Rust;
+//!   `tests/cuda.rs` compares the CUDA op with the CPU op when built with the feature.
 //!
 //! Features: `cuda` (CUDA kernels; needs `nvcc` at build time). Features change speed, never
 //! results beyond float rounding.

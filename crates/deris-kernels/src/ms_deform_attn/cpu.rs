@@ -62,9 +62,19 @@ fn axpy<T: WithDType>(dst: &mut [T], a: T, x: &[T]) {
     }
 }
 
+/// `x·y` with eight independent partial sums, so the loop vectorises.
 #[inline]
 fn dot<T: WithDType>(x: &[T], y: &[T]) -> T {
-    x.iter().zip(y).fold(T::from_f64(0.0), |acc, (&a, &b)| acc + a * b)
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail = xc.remainder().iter().zip(yc.remainder()).fold(zero, |s, (&a, &b)| s + a * b);
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
 }
 
 /// Forward: `[B, Lq, M·Dh]`, one rayon item per (b, q).
