@@ -17,7 +17,7 @@
 //! `ly·lx`, and a neighbour outside the map counts as 0.
 //!
 //! The fast op is three custom ops: the forward, and its backward split into
-//! [`GradValue`] (scatter of the output gradient into the value map) and [`GradSampling`] (the
+//! `GradValue` (scatter of the output gradient into the value map) and `GradSampling` (the
 //! sampler's vector-Jacobian product with respect to the location and the sample itself).
 //! [`ms_deform_attn_reference`] computes the same forward from primitive ops (index_select and
 //! masks) and is differentiable through candle's autograd: it is the oracle of the tests.
@@ -171,7 +171,7 @@ fn contiguous_slice<'a, T: candle_core::WithDType>(
     }
 }
 
-/// The forward op; `bwd` applies [`GradValue`] and [`GradSampling`].
+/// The forward op; `bwd` applies `GradValue` and `GradSampling`.
 struct MsDeformAttn {
     geo: Geometry,
 }
