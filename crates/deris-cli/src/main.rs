@@ -27,7 +27,9 @@ enum Command {
     Dump(cmd::dump::Args),
     /// Convert a `.pth` checkpoint into a clean `.safetensors` of the model weights.
     Convert(cmd::convert::Args),
-    /// Preprocess an image (and tokenize a sentence) and describe the model inputs.
+    /// Time a full-size model (random weights by default) at the real input sizes.
+    Bench(cmd::bench::Args),
+    /// Preprocess an image into the model's two input tensors and describe them.
     Prepare(cmd::prepare::Args),
 }
 
@@ -38,6 +40,7 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Dump(a) => cmd::dump::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
     };
     if let Err(e) = result {

@@ -20,12 +20,14 @@ pub mod cognition;
 pub mod config;
 pub mod error;
 pub mod loopback;
+pub mod model;
 pub mod nn;
 pub mod perception;
 pub mod post;
 pub mod preprocess;
 pub mod taps;
 
-pub use config::{DerisConfig, Preset};
+pub use config::{BatchCoupling, DerisConfig, Preset};
+pub use model::{Deris, DerisOutput, ModelInputs};
 pub use error::{Error, Result};
 pub use taps::Taps;

@@ -26,13 +26,6 @@ pub struct Args {
     pub config: Option<String>,
 }
 
-/// A model constructor for the `--config` audit.
-type Constructor = fn(&DerisConfig, VarBuilder<'_>) -> candle_core::Result<()>;
-
-// INTEGRATION: plug the model in here, e.g.
-// `const MODEL_CONSTRUCTOR: Option<Constructor> = Some(|cfg, vb| deris::model::Deris::new(cfg, vb).map(drop));`
-const MODEL_CONSTRUCTOR: Option<Constructor> = None;
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.output.extension().is_none_or(|e| e != "safetensors") {
         bail!("output {} must end in .safetensors", args.output.display());
@@ -48,10 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let ckpt = Checkpoint::open(&args.input)?;
     if let Some(cfg) = &cfg {
-        let Some(build) = MODEL_CONSTRUCTOR else {
-            bail!("--config: checking keys against a model is not available yet (this build has no model constructor)");
-        };
-        audit_against_config(&ckpt, cfg, build)?;
+        audit_against_config(&ckpt, cfg, |cfg, vb| deris::Deris::new(cfg, vb))?;
     }
 
     let tensors = ckpt.load_all(&Device::Cpu)?;

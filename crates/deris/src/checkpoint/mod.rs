@@ -15,6 +15,7 @@ pub mod audit;
 pub mod keys;
 mod pickle;
 mod pth;
+mod random;
 mod st;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +31,7 @@ pub use audit::{audit, dry_run, load_lenient, load_strict, AuditReport, Request}
 /// depend on candle-nn themselves).
 pub use candle_nn::VarBuilder;
 pub use keys::KeyLayout;
+pub use random::random_var_builder;
 
 use crate::error::{Error, Result};
 
