@@ -12,6 +12,11 @@
 //! results beyond float rounding.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
+pub mod conv2d;
+mod cpu_gemm;
+pub mod group_norm;
 pub mod ms_deform_attn;
 
+pub use conv2d::{conv2d, conv2d_reference};
+pub use group_norm::{group_norm, group_norm_reference};
 pub use ms_deform_attn::{ms_deform_attn, ms_deform_attn_reference};

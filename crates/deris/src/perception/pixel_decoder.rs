@@ -9,45 +9,53 @@
 //! `layer_1.{0: Conv3x3, 1: GroupNorm}`.
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 
 use crate::config::DerisConfig;
 use crate::nn::{interpolate::resize_bilinear, layer_norm, linear, pos_embed};
 use crate::perception::msdeform::MSDeformAttn;
 use crate::taps::Taps;
 
-/// `nn.GroupNorm(groups, channels)` (eps 1e-5, per-channel affine).
-fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, 1e-5, vb)
-}
-
-/// `nn.Sequential(Conv2d, GroupNorm[, ReLU])`: keys `0` (conv, with bias) and `1` (norm).
+/// `nn.Sequential(Conv2d, GroupNorm[, ReLU])`: keys `0` (conv, with bias) and `1` (norm, eps
+/// 1e-5, per-channel affine). Runs on [`deris_kernels::conv2d`] and
+/// [`deris_kernels::group_norm`] (fast on the CPU; candle's primitives, with gradients, when an
+/// input tracks them).
 #[derive(Debug, Clone)]
 struct ConvGroupNorm {
-    conv: Conv2d,
-    norm: GroupNorm,
+    /// `[c_out, c_in, k, k]`.
+    conv_weight: Tensor,
+    conv_bias: Tensor,
+    padding: usize,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    groups: usize,
     relu: bool,
 }
 
 impl ConvGroupNorm {
     fn new(c_in: usize, c_out: usize, kernel: usize, groups: usize, relu: bool, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { padding: kernel / 2, ..Default::default() };
+        let (conv, norm) = (vb.pp("0"), vb.pp("1"));
         Ok(Self {
-            conv: candle_nn::conv2d(c_in, c_out, kernel, cfg, vb.pp("0"))?,
-            norm: group_norm(groups, c_out, vb.pp("1"))?,
+            conv_weight: conv.get((c_out, c_in, kernel, kernel), "weight")?,
+            conv_bias: conv.get(c_out, "bias")?,
+            padding: kernel / 2,
+            norm_weight: norm.get(c_out, "weight")?,
+            norm_bias: norm.get(c_out, "bias")?,
+            groups,
             relu,
         })
     }
 
+    /// # Shapes
+    /// - `x`: `[B, c_in, H, W]` → `[B, c_out, H, W]`
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.norm.forward(&self.conv.forward(x)?)?;
-        if self.relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        let y = deris_kernels::conv2d(x, &self.conv_weight, Some(&self.conv_bias), self.padding)?;
+        deris_kernels::group_norm(&y, self.groups, &self.norm_weight, &self.norm_bias, GROUP_NORM_EPS, self.relu)
     }
 }
+
+/// `nn.GroupNorm`'s default epsilon.
+const GROUP_NORM_EPS: f64 = 1e-5;
 
 /// `MSDeformAttnTransformerEncoderLayer`: post-norm deformable self-attention + ReLU FFN.
 #[derive(Debug, Clone)]
@@ -117,7 +125,8 @@ pub struct MSDeformAttnPixelDecoder {
     level_embed: Tensor,
     /// `transformer.encoder.layers`.
     encoder_layers: Vec<MSDeformAttnTransformerEncoderLayer>,
-    mask_features: Conv2d,
+    /// `mask_features` Conv1x1: weight `[mask_dim, d, 1, 1]` and bias.
+    mask_features: (Tensor, Tensor),
     /// Lateral conv of res2: Conv1x1 → GroupNorm → ReLU.
     adapter_1: ConvGroupNorm,
     /// Output conv of the FPN level: Conv3x3 → GroupNorm → ReLU.
@@ -163,7 +172,10 @@ impl MSDeformAttnPixelDecoder {
             input_proj,
             level_embed: tr.get((p.num_levels, d), "level_embed")?,
             encoder_layers,
-            mask_features: candle_nn::conv2d(d, p.mask_dim, 1, Default::default(), vb.pp("mask_features"))?,
+            mask_features: (
+                vb.pp("mask_features").get((p.mask_dim, d, 1, 1), "weight")?,
+                vb.pp("mask_features").get(p.mask_dim, "bias")?,
+            ),
             adapter_1: ConvGroupNorm::new(in_channels[0], d, 1, groups, true, vb.pp("adapter_1"))?,
             layer_1: ConvGroupNorm::new(d, d, 3, groups, true, vb.pp("layer_1"))?,
             in_channels,
@@ -249,7 +261,8 @@ impl MSDeformAttnPixelDecoder {
             None => candle_core::bail!("pixel decoder: no encoder levels"),
         };
         let fpn = self.layer_1.forward(&(lateral + top_down)?)?;
-        let mask_features = self.mask_features.forward(&fpn)?; // [B, mask_dim, H2, W2]
+        let (mask_w, mask_b) = &self.mask_features;
+        let mask_features = deris_kernels::conv2d(&fpn, mask_w, Some(mask_b), 0)?; // [B, mask_dim, H2, W2]
         taps.record("pixel_decoder.mask_features", &mask_features);
         Ok(PixelDecoderOutput { mask_features, multi_scale_features })
     }
@@ -286,7 +299,6 @@ fn reference_points(shapes: &[(usize, usize)], dev: &Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
     use std::collections::HashMap;
 
     /// `F.group_norm` by hand, in f64: statistics over (channels of the group × H × W).
@@ -328,10 +340,10 @@ mod tests {
             let mut map = HashMap::new();
             map.insert("weight".to_string(), Tensor::from_vec(weight.clone(), channels, &dev).unwrap());
             map.insert("bias".to_string(), Tensor::from_vec(bias.clone(), channels, &dev).unwrap());
-            let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-            let gn = group_norm(groups, channels, vb).unwrap();
             let xt = Tensor::from_vec(x.clone(), (b, channels, h, w), &dev).unwrap();
-            let got = gn.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (wt, bt) = (&map["weight"], &map["bias"]);
+            let got = deris_kernels::group_norm(&xt, groups, wt, bt, GROUP_NORM_EPS, false).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = group_norm_by_hand(&x, (b, channels, h * w), groups, &weight, &bias);
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));

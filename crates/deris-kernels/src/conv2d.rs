@@ -1,0 +1,228 @@
+//! 2-D convolution (stride 1, no dilation, one group, zero padding) with its bias, as matrix
+//! products on the NCHW layout, without im2col.
+//!
+//! A `1×1` convolution is one product per image, `out[Co, H·W] = W[Co, Ci] · x[Ci, H·W]`,
+//! written into a destination pre-filled with the bias. A `kh×kw` convolution pads the image once
+//! into planes of width `Wp = W + 2p` and accumulates one product per tap `(ky, kx)`: the tap's
+//! input, for every output position `(y, x)` of a `Ho × Wp` grid, is the padded plane read from
+//! offset `ky·Wp + kx` — a plain strided matrix, so no patch matrix is built. The `Wp − Wo`
+//! extra columns of each output row are dropped at the end.
+//!
+//! [`conv2d`] takes this path on the CPU for f32/f64 when no input tracks a gradient, and
+//! otherwise [`conv2d_reference`] (candle's `conv2d` plus the bias), which has candle's
+//! gradients and runs on every device.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::cpu_gemm::{self, MatRef};
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConvGeometry {
+    b: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+}
+
+impl ConvGeometry {
+    fn out_hw(&self) -> (usize, usize) {
+        (self.h + 2 * self.padding + 1 - self.kh, self.w + 2 * self.padding + 1 - self.kw)
+    }
+}
+
+fn geometry(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<ConvGeometry> {
+    let (b, ci, h, w) = x.dims4()?;
+    let (co, wci, kh, kw) = weight.dims4()?;
+    if wci != ci {
+        bail!("conv2d: input {:?} has {ci} channels, weight {:?} expects {wci}", x.dims(), weight.dims());
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!("conv2d: kernel {kh}×{kw} is larger than the padded input {:?} (padding {padding})", x.dims());
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [co] {
+            bail!("conv2d: bias {:?} must be [{co}]", bias.dims());
+        }
+    }
+    Ok(ConvGeometry { b, ci, h, w, co, kh, kw, padding })
+}
+
+/// `F.conv2d(x, weight, bias, stride=1, padding=padding)`, fast on the CPU.
+///
+/// # Shapes
+/// - `x`: `[B, Ci, H, W]`; `weight`: `[Co, Ci, kh, kw]`; `bias`: `[Co]`
+/// - returns `[B, Co, H + 2p − kh + 1, W + 2p − kw + 1]`
+///
+/// Differentiable: with a gradient-tracking input it runs [`conv2d_reference`].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+    let g = geometry(x, weight, bias, padding)?;
+    let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
+    let fast_dtype = matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype();
+    if tracked || !x.device().is_cpu() || !fast_dtype || bias.is_some_and(|b| b.dtype() != x.dtype()) {
+        return conv2d_reference(x, weight, bias, padding);
+    }
+    let bias = match bias {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(g.co, x.dtype(), x.device())?,
+    };
+    x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias, &Conv2dOp { g })
+}
+
+/// The slow twin of [`conv2d`]: candle's `conv2d` followed by the broadcast bias (any device,
+/// candle's gradients).
+///
+/// # Shapes
+/// Same as [`conv2d`].
+pub fn conv2d_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
+    let y = x.conv2d(weight, padding, 1, 1, 1)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+struct Conv2dOp {
+    g: ConvGeometry,
+}
+
+/// The data of a contiguous input with the expected shape, or an error naming it.
+fn slice<'a, T: WithDType>(what: &str, s: &'a CpuStorage, l: &Layout, shape: &[usize]) -> Result<&'a [T]> {
+    if l.dims() != shape {
+        bail!("conv2d: {what} has shape {:?}, expected {shape:?}", l.dims());
+    }
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
+        None => bail!("conv2d: {what} is not contiguous"),
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let (ho, wo) = g.out_hw();
+        let xs = [g.b, g.ci, g.h, g.w];
+        let ws = [g.co, g.ci, g.kh, g.kw];
+        let out = match sx.dtype() {
+            DType::F32 => CpuStorage::F32(forward::<f32>(
+                &g,
+                slice("input", sx, lx, &xs)?,
+                slice("weight", sw, lw, &ws)?,
+                slice("bias", sb, lb, &[g.co])?,
+            )?),
+            DType::F64 => CpuStorage::F64(forward::<f64>(
+                &g,
+                slice("input", sx, lx, &xs)?,
+                slice("weight", sw, lw, &ws)?,
+                slice("bias", sb, lb, &[g.co])?,
+            )?),
+            dt => bail!("conv2d: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((g.b, g.co, ho, wo))))
+    }
+}
+
+/// The CPU forward, `[B, Co, Ho, Wo]` row-major.
+fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T]) -> Result<Vec<T>> {
+    let (ho, wo) = g.out_hw();
+    let zero = T::from_f64(0.0);
+    let taps = g.kh * g.kw;
+    let mut out = vec![zero; g.b * g.co * ho * wo];
+    // weight of tap t as a [Co, Ci] matrix: w[co, ci, t] at co·Ci·taps + ci·taps + t
+    let tap_weight = |t: usize| MatRef { data: &w[t..], rows: g.co, cols: g.ci, rs: g.ci * taps, cs: taps };
+    if taps == 1 && g.padding == 0 {
+        let hw = g.h * g.w;
+        for (xb, ob) in x.chunks_exact(g.ci * hw).zip(out.chunks_exact_mut(g.co * hw)) {
+            fill_rows(ob, hw, bias);
+            let rhs = MatRef { data: xb, rows: g.ci, cols: hw, rs: hw, cs: 1 };
+            cpu_gemm::matmul(ob, hw, tap_weight(0), rhs, true)?;
+        }
+        return Ok(out);
+    }
+    let p = g.padding;
+    let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
+    // each padded plane has kw − 1 zeros of slack after it: the last tap reads that far
+    let plane = hp * wp + g.kw - 1;
+    let mut padded = vec![zero; g.ci * plane];
+    let mut wide = vec![zero; g.co * ho * wp];
+    for (xb, ob) in x.chunks_exact(g.ci * g.h * g.w).zip(out.chunks_exact_mut(g.co * ho * wo)) {
+        padded.par_chunks_mut(plane).zip(xb.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
+            for (r, row) in src.chunks_exact(g.w).enumerate() {
+                dst[(r + p) * wp + p..][..g.w].copy_from_slice(row);
+            }
+        });
+        fill_rows(&mut wide, ho * wp, bias);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let rhs = MatRef { data: &padded[ky * wp + kx..], rows: g.ci, cols: ho * wp, rs: plane, cs: 1 };
+                cpu_gemm::matmul(&mut wide, ho * wp, tap_weight(ky * g.kw + kx), rhs, true)?;
+            }
+        }
+        ob.par_chunks_mut(ho * wo).zip(wide.par_chunks(ho * wp)).for_each(|(dst, src)| {
+            for (d, s) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wp)) {
+                d.copy_from_slice(&s[..wo]);
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Sets row `c` of a `[C, n]` matrix to `v[c]`.
+fn fill_rows<T: WithDType>(dst: &mut [T], n: usize, v: &[T]) {
+    for (row, &b) in dst.chunks_exact_mut(n).zip(v) {
+        row.fill(b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn fast_matches_reference() {
+        let dev = Device::Cpu;
+        // (b, ci, h, w, co, k, padding)
+        for (i, &(b, ci, h, w, co, k, p)) in
+            [(1, 3, 5, 7, 4, 1, 0), (2, 5, 6, 4, 3, 3, 1), (1, 8, 9, 9, 16, 3, 1), (2, 2, 4, 5, 3, 3, 0), (1, 3, 6, 6, 2, 5, 2), (1, 2, 3, 3, 2, 1, 1)]
+                .iter()
+                .enumerate()
+        {
+            for dtype in [DType::F32, DType::F64] {
+                let x = Tensor::randn(0f32, 1., (b, ci, h, w), &dev).unwrap().to_dtype(dtype).unwrap();
+                let wt = Tensor::randn(0f32, 1., (co, ci, k, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let bias = Tensor::randn(0f32, 1., co, &dev).unwrap().to_dtype(dtype).unwrap();
+                for bias in [Some(&bias), None] {
+                    let fast = conv2d(&x, &wt, bias, p).unwrap();
+                    let slow = conv2d_reference(&x, &wt, bias, p).unwrap();
+                    assert_eq!(fast.dims(), slow.dims(), "case {i}");
+                    let d = max_abs_diff(&fast, &slow);
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                    assert!(d < tol, "case {i} {dtype:?}: max |fast − reference| = {d:e}");
+                }
+            }
+        }
+    }
+}

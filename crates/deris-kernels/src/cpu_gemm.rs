@@ -1,0 +1,84 @@
+//! A bounds-checked front to the `gemm` crate (the GEMM candle's CPU backend uses), for the ops
+//! that fuse work around a matrix product: a bias pre-filled into the destination, the taps of
+//! a convolution accumulated into one output, strided operands read in place.
+
+use candle_core::{bail, Result, WithDType};
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<T> MatRef<'_, T> {
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Threads for one product: candle's setting (`RAYON_NUM_THREADS` or the available cores).
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst = dst + lhs · rhs` (`accumulate`) or `dst = lhs · rhs`, with `dst` row-major
+/// `[lhs.rows, rhs.cols]` at row stride `dst_rs`. Only f32 and f64 are supported.
+pub(crate) fn matmul<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>, rhs: MatRef<T>, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if !matches!(T::DTYPE, candle_core::DType::F32 | candle_core::DType::F64) {
+        bail!("cpu gemm: unsupported dtype {:?}", T::DTYPE);
+    }
+    if rhs.rows != k {
+        bail!("cpu gemm: [{m}, {k}] · [{}, {n}] do not chain", rhs.rows);
+    }
+    let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
+    if !lhs.in_bounds() || !rhs.in_bounds() || !dst_ok {
+        bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(T::from_f64(0.0));
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: all three operands were checked above to lie inside their slices for the given
+    // sizes and strides; the destination rows do not overlap (dst_rs ≥ n) and `dst` is borrowed
+    // mutably, so no operand aliases it. T is f32 or f64, which `gemm` supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
+}
