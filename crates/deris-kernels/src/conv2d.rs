@@ -219,8 +219,10 @@ mod tests {
                     let slow = conv2d_reference(&x, &wt, bias, p).unwrap();
                     assert_eq!(fast.dims(), slow.dims(), "case {i}");
                     let d = max_abs_diff(&fast, &slow);
-                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-                    assert!(d < tol, "case {i} {dtype:?}: max |fast − reference| = {d:e}");
+                    let scale = max_abs_diff(&slow, &slow.zeros_like().unwrap()).max(1.0);
+                    // relative to the output scale: the two sum the taps in different orders
+                    let tol = if dtype == DType::F32 { 2e-6 } else { 1e-14 };
+                    assert!(d <= tol * scale, "case {i} {dtype:?}: max |fast − reference| = {d:e} (scale {scale:.1})");
                 }
             }
         }

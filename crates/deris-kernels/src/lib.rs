@@ -16,6 +16,7 @@ pub mod conv2d;
 mod cpu_gemm;
 pub mod group_norm;
 pub mod ms_deform_attn;
+mod simd;
 
 pub use conv2d::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};

@@ -18,7 +18,7 @@ struct Point<T> {
 
 /// Maps a normalised `(x, y)` to pixel coordinates `(x·W − 0.5, y·H − 0.5)`; `None` when the
 /// point samples zero (`xi ≤ −1`, `yi ≤ −1`, `xi ≥ W`, `yi ≥ H`, or NaN).
-#[inline]
+#[inline(always)]
 fn locate<T: WithDType>(lv: &Level, x: T, y: T) -> Option<Point<T>> {
     let (w, h) = (T::from_f64(lv.w as f64), T::from_f64(lv.h as f64));
     let half = T::from_f64(0.5);
@@ -36,7 +36,7 @@ fn locate<T: WithDType>(lv: &Level, x: T, y: T) -> Option<Point<T>> {
 impl<T: WithDType> Point<T> {
     /// Calls `f(row, weight, ∂weight/∂lx, ∂weight/∂ly)` for each of the four neighbours that lies
     /// inside the map; `row` indexes the flattened `S` axis.
-    #[inline]
+    #[inline(always)]
     fn for_each_corner(&self, lv: &Level, mut f: impl FnMut(usize, T, T, T)) {
         let one = T::from_f64(1.0);
         let zero = T::from_f64(0.0);
@@ -55,7 +55,7 @@ impl<T: WithDType> Point<T> {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn axpy<T: WithDType>(dst: &mut [T], a: T, x: &[T]) {
     for (d, &v) in dst.iter_mut().zip(x) {
         *d += a * v;
@@ -77,26 +77,62 @@ fn dot<T: WithDType>(x: &[T], y: &[T]) -> T {
     acc.iter().fold(tail, |s, &v| s + v)
 }
 
-/// Forward: `[B, Lq, M·Dh]`, one rayon item per (b, q).
+/// Queries per rayon item of the forward: enough work to amortise the scheduling.
+const FORWARD_QUERY_BLOCK: usize = 64;
+
+/// Forward: `[B, Lq, M·Dh]`, one rayon item per block of queries of one image.
 pub(crate) fn forward<T: WithDType>(g: &Geometry, value: &[T], loc: &[T], attn: &[T]) -> Vec<T> {
-    let (dh, nl) = (g.dh, g.l());
-    let row = g.m * dh;
+    let row = g.m * g.dh;
     let mut out = vec![T::from_f64(0.0); g.b * g.lq * row];
-    out.par_chunks_mut(row).enumerate().for_each(|(bq, out_q)| {
-        let b = bq / g.lq;
-        let vb = &value[b * g.s * row..(b + 1) * g.s * row];
-        for (m, acc) in out_q.chunks_exact_mut(dh).enumerate() {
-            for (li, lv) in g.levels.iter().enumerate() {
-                for p in 0..g.p {
-                    let i = ((bq * g.m + m) * nl + li) * g.p + p;
-                    let Some(pt) = locate(lv, loc[2 * i], loc[2 * i + 1]) else { continue };
-                    let a = attn[i];
-                    pt.for_each_corner(lv, |s, w, _, _| axpy(acc, a * w, &vb[s * row + m * dh..][..dh]));
-                }
-            }
+    let blocks = g.lq.div_ceil(FORWARD_QUERY_BLOCK);
+    let mut items: Vec<(usize, usize, &mut [T])> = Vec::with_capacity(g.b * blocks);
+    for (b, image) in out.chunks_mut(g.lq * row).enumerate() {
+        for (blk, part) in image.chunks_mut(FORWARD_QUERY_BLOCK * row).enumerate() {
+            items.push((b, blk * FORWARD_QUERY_BLOCK, part));
         }
+    }
+    items.into_par_iter().for_each(|(b, q0, part)| {
+        sample_block(g, &value[b * g.s * row..(b + 1) * g.s * row], loc, attn, b * g.lq + q0, part)
     });
     out
+}
+
+crate::with_avx2!(fn sample_block<T: WithDType>(g: &Geometry, value: &[T], loc: &[T], attn: &[T], bq0: usize, part: &mut [T]) => sample_block_body);
+
+/// Queries `bq0..` (flattened over the batch) into `part` (`[queries, M·Dh]`), sampling
+/// `value`, that image's `[S, M, Dh]` values. A head of 32 channels (DeRIS: 256 / 8) is
+/// accumulated in a fixed-size array, which stays in vector registers.
+#[inline(always)]
+fn sample_block_body<T: WithDType>(g: &Geometry, value: &[T], loc: &[T], attn: &[T], bq0: usize, part: &mut [T]) {
+    let row = g.m * g.dh;
+    for (dq, out_q) in part.chunks_exact_mut(row).enumerate() {
+        for (m, out) in out_q.chunks_exact_mut(g.dh).enumerate() {
+            let head = (bq0 + dq) * g.m + m;
+            if g.dh == 32 {
+                let mut acc = [T::from_f64(0.0); 32];
+                sample_head(g, value, loc, attn, head, &mut acc);
+                out.copy_from_slice(&acc);
+            } else {
+                sample_head(g, value, loc, attn, head, out);
+            }
+        }
+    }
+}
+
+/// Adds the weighted samples of head `head = bq·M + m` (all levels and points) to `acc` (`Dh`).
+#[inline(always)]
+fn sample_head<T: WithDType>(g: &Geometry, value: &[T], loc: &[T], attn: &[T], head: usize, acc: &mut [T]) {
+    let (dh, nl) = (acc.len(), g.l());
+    let row = g.m * dh;
+    let m = head % g.m;
+    for (li, lv) in g.levels.iter().enumerate() {
+        for p in 0..g.p {
+            let i = (head * nl + li) * g.p + p;
+            let Some(pt) = locate(lv, loc[2 * i], loc[2 * i + 1]) else { continue };
+            let a = attn[i];
+            pt.for_each_corner(lv, |s, w, _, _| axpy(acc, a * w, &value[s * row + m * dh..][..dh]));
+        }
+    }
 }
 
 /// Gradient for `value`, `[B, S, M, Dh]`. Accumulates head-major (`[B, M, S, Dh]`) so that every
