@@ -25,11 +25,13 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod inputs;
 mod reference;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
+pub use inputs::{sampling_inputs, sampling_inputs_reference};
 pub use reference::ms_deform_attn_reference;
 
 /// One feature level of the flattened value map: `h × w` pixels starting at row `start` of `S`.

@@ -5,12 +5,19 @@
 //! `attention_weights`, `value_proj`, `output_proj` (each `weight`, `bias`).
 //!
 //! The sampling itself is the [`deris_kernels::ms_deform_attn`] op (multithreaded CPU, CUDA
-//! with the `cuda` feature, gradients for all inputs).
+//! with the `cuda` feature, gradients for all inputs); its inputs come from
+//! [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections from
+//! [`deris_kernels::linear`] (both fast on the CPU, primitive ops with gradients in training).
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::nn::linear;
+
+/// `x · Wᵀ + b` on [`deris_kernels::linear`] (bias fused into the product on the CPU).
+pub(crate) fn proj(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    deris_kernels::linear(x, l.weight(), l.bias(), false)
+}
 
 /// `MSDeformAttn(d_model, n_levels, n_heads, n_points)`.
 #[derive(Debug, Clone)]
@@ -77,16 +84,12 @@ impl MSDeformAttn {
                 spatial_shapes.len()
             );
         }
-        let value = self.value_proj.forward(input_flatten)?.reshape((b, s, m, self.d_model / m))?; // [B, S, M, Dh]
-        let offsets = self.sampling_offsets.forward(query)?.reshape(vec![b, lq, m, l, p, 2])?; // [B, Lq, M, L, P, 2]
-        let weights = self.attention_weights.forward(query)?.reshape((b, lq, m, l * p))?;
-        let weights = candle_nn::ops::softmax_last_dim(&weights)?.reshape(vec![b, lq, m, l, p])?; // [B, Lq, M, L, P]
-        // offset_normalizer = (W_l, H_l): the offsets are in pixels of each level
-        let normalizer: Vec<f32> = spatial_shapes.iter().flat_map(|&(h, w)| [w as f32, h as f32]).collect();
-        let normalizer = Tensor::from_vec(normalizer, vec![1, 1, 1, l, 1, 2], query.device())?.to_dtype(query.dtype())?;
-        let loc = reference_points
-            .reshape(vec![b, lq, 1, l, 1, 2])?
-            .broadcast_add(&offsets.broadcast_div(&normalizer)?)?; // [B, Lq, M, L, P, 2]
+        let value = proj(&self.value_proj, input_flatten)?.reshape((b, s, m, self.d_model / m))?; // [B, S, M, Dh]
+        let offsets = proj(&self.sampling_offsets, query)?.reshape(vec![b, lq, m, l, p, 2])?; // [B, Lq, M, L, P, 2]
+        let logits = proj(&self.attention_weights, query)?.reshape((b, lq, m, l, p))?; // [B, Lq, M, L, P]
+        // loc = ref + offset / (W_l, H_l) (the offsets are in pixels of each level), weights
+        // softmaxed over the L·P points of each head
+        let (loc, weights) = deris_kernels::ms_deform_attn::sampling_inputs(reference_points, &offsets, &logits, spatial_shapes)?;
         // the authors sample in f32 when the model runs in half precision (`value.float()`)
         let dtype = value.dtype();
         let sample_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
@@ -97,6 +100,6 @@ impl MSDeformAttn {
             &weights.to_dtype(sample_dtype)?,
         )?
         .to_dtype(dtype)?; // [B, Lq, d]
-        self.output_proj.forward(&out)
+        proj(&self.output_proj, &out)
     }
 }

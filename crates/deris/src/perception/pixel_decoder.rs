@@ -13,7 +13,7 @@ use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 
 use crate::config::DerisConfig;
 use crate::nn::{interpolate::resize_bilinear, layer_norm, linear, pos_embed};
-use crate::perception::msdeform::MSDeformAttn;
+use crate::perception::msdeform::{proj, MSDeformAttn};
 use crate::taps::Taps;
 
 /// `nn.Sequential(Conv2d, GroupNorm[, ReLU])`: keys `0` (conv, with bias) and `1` (norm, eps
@@ -102,7 +102,8 @@ impl MSDeformAttnTransformerEncoderLayer {
             taps.record(format!("{prefix}.out"), &attn);
         }
         let src = self.norm1.forward(&(src + attn)?)?;
-        let ffn = self.linear2.forward(&self.linear1.forward(&src)?.relu()?)?;
+        let hidden = deris_kernels::linear(&src, self.linear1.weight(), self.linear1.bias(), true)?; // relu(linear1)
+        let ffn = proj(&self.linear2, &hidden)?;
         self.norm2.forward(&(src + ffn)?)
     }
 }
