@@ -17,9 +17,11 @@ mod cpu_gemm;
 pub mod group_norm;
 pub mod linear;
 pub mod ms_deform_attn;
+pub mod resize;
 mod simd;
 
 pub use conv2d::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use linear::{linear, linear_reference};
 pub use ms_deform_attn::{ms_deform_attn, ms_deform_attn_reference};
+pub use resize::{resize_bilinear, resize_bilinear_reference};

@@ -68,18 +68,27 @@ impl LoopbackInteraction {
         Ok(Self { query_sa, q2tca, seg_cls: nn::linear(d, 2, vb.pp("SEG_cls"))?, refer_proj })
     }
 
+    /// The fused mask features average-pooled by the reference's hard-coded 4 (`downsample4`):
+    /// the same for every round, so the decoder computes it once.
+    ///
+    /// # Shapes
+    /// - `mask_features`: `[B, C, H4, W4]` → `[B, C, H4/4, W4/4]`
+    pub fn pool(mask_features: &Tensor) -> Result<Tensor> {
+        mask_features.avg_pool2d(POOL)
+    }
+
     /// Round `round` of the loopback.
     ///
     /// # Shapes
     /// - `query`: `[B, N, C]` the queries the heads just read
-    /// - `mask_features`: `[B, C, H4, W4]` fused mask features
+    /// - `pooled_features`: `[B, C, H4/4, W4/4]` the fused mask features through [`Self::pool`]
     /// - `mask_logits`: `[B, N, H4, W4]` this round's stride-4 mask logits
     /// - returns queries `[B, N, C]` and referring logits `[B, N, 2]`
     pub fn forward(
         &self,
         round: usize,
         query: &Tensor,
-        mask_features: &Tensor,
+        pooled_features: &Tensor,
         mask_logits: &Tensor,
         text: &TextContext,
         coupling: BatchCoupling,
@@ -95,8 +104,7 @@ impl LoopbackInteraction {
 
         // Mask embedding fs: the query position of query_SA.
         let m = candle_nn::ops::sigmoid(&resize_bilinear(mask_logits, ph, pw, false)?)?; // [B, N, ph, pw]
-        let g = mask_features.avg_pool2d(POOL)?; // [B, C, ph, pw]
-        let fs = masked_mean(&m, &g)?; // [B, N, C]
+        let fs = masked_mean(&m, pooled_features)?; // [B, N, C]
 
         let q_sa = match coupling {
             // The authors feed [B, N, C] to a sequence-first MHA: sequence = batch, batch = query.

@@ -18,7 +18,7 @@ pub mod layers;
 pub mod q2tca;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 pub use crate::config::BatchCoupling;
 use crate::config::DerisConfig;
@@ -81,7 +81,12 @@ pub struct MultiScaleMaskedTransformerDecoder {
     level_embed: Tensor,
     heads: PredictionHeads,
     loopback: LoopbackInteraction,
-    channel_proj_conv: Conv2d,
+    /// `channel_proj_conv` (Conv1x1 `2C → C` on `cat(mask_features, upsampled image features)`),
+    /// split along its input channels: `[C, C, 1, 1]` for the mask features, `[C, C, 1, 1]` for
+    /// the image features, and the bias.
+    channel_proj_mask: Tensor,
+    channel_proj_img: Tensor,
+    channel_proj_bias: Tensor,
     hidden_dim: usize,
     num_heads: usize,
     num_levels: usize,
@@ -94,6 +99,7 @@ impl MultiScaleMaskedTransformerDecoder {
         let p = &cfg.predictor;
         let (d, heads, layers) = (p.hidden_dim, p.num_heads, p.dec_layers);
         let num_levels = cfg.pixel_decoder.num_levels;
+        let channel_proj = vb.pp("channel_proj_conv").get((d, 2 * d, 1, 1), "weight")?;
         Ok(Self {
             transformer_self_attention_layers: (0..layers)
                 .map(|i| SelfAttentionLayer::new(d, heads, vb.pp("transformer_self_attention_layers").pp(i)))
@@ -108,7 +114,9 @@ impl MultiScaleMaskedTransformerDecoder {
             level_embed: vb.get((num_levels, d), "level_embed.weight")?,
             heads: PredictionHeads::new(d, cfg.pixel_decoder.mask_dim, vb.clone())?,
             loopback: LoopbackInteraction::new(d, heads, p.q2tca_heads, p.dim_feedforward, layers + 1, vb.clone())?,
-            channel_proj_conv: candle_nn::conv2d(2 * d, d, 1, Default::default(), vb.pp("channel_proj_conv"))?,
+            channel_proj_mask: channel_proj.narrow(1, 0, d)?.contiguous()?,
+            channel_proj_img: channel_proj.narrow(1, d, d)?.contiguous()?,
+            channel_proj_bias: vb.pp("channel_proj_conv").get(d, "bias")?,
             hidden_dim: d,
             num_heads: heads,
             num_levels,
@@ -157,11 +165,11 @@ impl MultiScaleMaskedTransformerDecoder {
         coupling: BatchCoupling,
         taps: &mut Taps,
     ) -> Result<PredictorOutput> {
-        let (b, _, h4, w4) = mask_features.dims4()?;
+        let (b, cm, h4, w4) = mask_features.dims4()?;
         let (qb, _, _) = query.dims3()?;
         let (tb, l, _) = text_feat.dims3()?;
         let (pb, pl) = pad.dims2()?;
-        if qb != b || tb != b || pb != b || pl != l || img_feat.dim(0)? != b {
+        if qb != b || tb != b || pb != b || pl != l || img_feat.dim(0)? != b || cm != self.hidden_dim {
             candle_core::bail!(
                 "predictor: batch/text sizes disagree: mask_features {:?}, query {:?}, text_feat {:?}, pad {:?}, img_feat {:?}",
                 mask_features.dims(), query.dims(), text_feat.dims(), pad.dims(), img_feat.dims()
@@ -169,10 +177,14 @@ impl MultiScaleMaskedTransformerDecoder {
         }
         let levels = self.levels(multi_scale)?;
 
-        // Fused mask features: Swin/MSDeform features first, then the upsampled BEiT-3 features.
-        let img_up = resize_bilinear(img_feat, h4, w4, false)?; // [B, C, H4, W4]
-        let fused = self.channel_proj_conv.forward(&Tensor::cat(&[mask_features, &img_up], 1)?)?; // [B, C, H4, W4]
+        // Fused mask features: channel_proj_conv(cat(mask_features, resize(img_feat))). The 1×1
+        // conv is linear per pixel and the resize linear per channel, so the image half is
+        // projected at the BEiT-3 grid and resized after: W_img·resize(x) = resize(W_img·x).
+        let img_proj = deris_kernels::conv2d(img_feat, &self.channel_proj_img, None, 0)?; // [B, C, g, g]
+        let img_up = resize_bilinear(&img_proj, h4, w4, false)?; // [B, C, H4, W4]
+        let fused = (deris_kernels::conv2d(mask_features, &self.channel_proj_mask, Some(&self.channel_proj_bias), 0)? + img_up)?; // [B, C, H4, W4]
         taps.record("predictor.fused_mask_features", &fused);
+        let pooled = LoopbackInteraction::pool(&fused)?; // [B, C, H4/4, W4/4]
 
         let text = TextContext {
             feat: text_feat.clone(),
@@ -212,7 +224,7 @@ impl MultiScaleMaskedTransformerDecoder {
             taps.record_with(format!("predictor.round{r}.attn_mask"), || repeat_heads(&m, self.num_heads))?;
             blocked = Some(m);
 
-            let lb = self.loopback.forward(r, &q, &fused, &out.mask_logits, &text, coupling)?;
+            let lb = self.loopback.forward(r, &q, &pooled, &out.mask_logits, &text, coupling)?;
             taps.record(format!("predictor.round{r}.refer_logits"), &lb.refer_logits);
             taps.record(format!("predictor.round{r}.query_out"), &lb.query);
             q = lb.query;

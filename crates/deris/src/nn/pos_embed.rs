@@ -30,12 +30,11 @@ pub fn sine_2d(num_pos_feats: usize, h: usize, w: usize, device: &Device) -> Res
                 p.cos()
             }
         };
+        // one sin/cos per row and per column, broadcast over the map
+        let vx: Vec<f32> = xs.iter().map(|&v| f(v)).collect();
         for r in 0..h {
-            let vy = f(ys[r]);
-            for col in 0..w {
-                out[(k * h + r) * w + col] = vy;
-                out[((num_pos_feats + k) * h + r) * w + col] = f(xs[col]);
-            }
+            out[(k * h + r) * w..][..w].fill(f(ys[r]));
+            out[((num_pos_feats + k) * h + r) * w..][..w].copy_from_slice(&vx);
         }
     }
     Tensor::from_vec(out, (c, h, w), device)
