@@ -8,7 +8,15 @@
 //! offset `ky·Wp + kx` — a plain strided matrix, so no patch matrix is built. The `Wp − Wo`
 //! extra columns of each output row are dropped at the end.
 //!
-//! [`conv2d`] takes this path on the CPU for f32/f64 when no input tracks a gradient, and
+//! A `3×3` convolution uses Winograd's minimal filtering `F(2×2, 3×3)` instead (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016): each 2×2 output tile is
+//! `Aᵀ·[Σ_ci (G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A` for the 4×4 input tile `d`, i.e. 16 products
+//! `[Co, Ci]·[Ci, tiles]` (one per position of the 4×4 transformed tile) in place of 36
+//! multiply-adds per output tile and channel pair: 2.25× fewer. The transforms only add,
+//! subtract and halve; the filter transform runs in f64. The result differs from direct
+//! summation by rounding only (about 1e-6 of the output scale in f32).
+//!
+//! [`conv2d`] takes these paths on the CPU for f32/f64 when no input tracks a gradient, and
 //! otherwise [`conv2d_reference`] (candle's `conv2d` plus the bias), which has candle's
 //! gradients and runs on every device.
 
@@ -157,6 +165,9 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T]) -> Resu
         }
         return Ok(out);
     }
+    if g.kh == 3 && g.kw == 3 {
+        return winograd_3x3(g, x, w, bias, &mut out).map(|()| out);
+    }
     let p = g.padding;
     let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
     // each padded plane has kw − 1 zeros of slack after it: the last tap reads that far
@@ -185,6 +196,135 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T]) -> Resu
     Ok(out)
 }
 
+/// Output tiles per Winograd block: the transformed input and output of a block stay about
+/// 12 MiB each at 256 channels (measured on DeRIS's 96×96 map: 96 to 2304 tiles per block are
+/// within 20% of each other, 768 the fastest).
+const WINOGRAD_TILES_PER_BLOCK: usize = 768;
+
+/// `F(2×2, 3×3)` over all images, into `out` (`[B, Co, Ho, Wo]`).
+fn winograd_3x3<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T], out: &mut [T]) -> Result<()> {
+    let (ho, wo) = g.out_hw();
+    let (ci, co, p) = (g.ci, g.co, g.padding);
+    let (tiles_y, tiles_x) = (ho.div_ceil(2), wo.div_ceil(2));
+    // padded planes large enough for every 4×4 input tile at (2·ty, 2·tx)
+    let (hp, wp) = (2 * tiles_y + 2, 2 * tiles_x + 2);
+    let zero = T::from_f64(0.0);
+    let u = winograd_filters(w, co, ci); // [Co, 16, Ci]
+    let rows_per_block = (WINOGRAD_TILES_PER_BLOCK / tiles_x).clamp(1, tiles_y);
+    let mut padded = vec![zero; ci * hp * wp];
+    let block_tiles = rows_per_block * tiles_x;
+    let mut v = vec![zero; ci * 16 * block_tiles]; // [Ci, 16, tiles]
+    let mut m = vec![zero; co * 16 * block_tiles]; // [Co, 16, tiles]
+    for (xb, ob) in x.chunks_exact(ci * g.h * g.w).zip(out.chunks_exact_mut(co * ho * wo)) {
+        padded.par_chunks_mut(hp * wp).zip(xb.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
+            for (r, row) in src.chunks_exact(g.w).enumerate() {
+                dst[(r + p) * wp + p..][..g.w].copy_from_slice(row);
+            }
+        });
+        for ty0 in (0..tiles_y).step_by(rows_per_block) {
+            let rows = rows_per_block.min(tiles_y - ty0);
+            let nt = rows * tiles_x;
+            v.par_chunks_mut(16 * block_tiles).zip(padded.par_chunks(hp * wp)).for_each(|(vc, plane)| {
+                winograd_input(plane, wp, ty0, rows, tiles_x, block_tiles, vc)
+            });
+            for xi in 0..16 {
+                let lhs = MatRef { data: &u[xi * ci..], rows: co, cols: ci, rs: 16 * ci, cs: 1 };
+                let rhs = MatRef { data: &v[xi * block_tiles..], rows: ci, cols: nt, rs: 16 * block_tiles, cs: 1 };
+                cpu_gemm::matmul(&mut m[xi * block_tiles..], 16 * block_tiles, lhs, rhs, false)?;
+            }
+            ob.par_chunks_mut(ho * wo).zip(m.par_chunks(16 * block_tiles)).zip(bias).for_each(|((plane, mc), &b)| {
+                winograd_output(mc, block_tiles, b, ty0, rows, tiles_x, plane, ho, wo)
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `U = G·g·Gᵀ` of every filter, `[Co, 16, Ci]`, computed in f64:
+/// `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`.
+fn winograd_filters<T: WithDType>(w: &[T], co: usize, ci: usize) -> Vec<T> {
+    let mut u = vec![T::from_f64(0.0); co * 16 * ci];
+    let g_rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    u.par_chunks_mut(16 * ci).enumerate().for_each(|(o, uo)| {
+        for i in 0..ci {
+            let f = &w[(o * ci + i) * 9..][..9];
+            let f = |k: usize| f[k].to_f64();
+            // G·g: 4 rows of 3, one column of g at a time
+            let cols = [g_rows(f(0), f(3), f(6)), g_rows(f(1), f(4), f(7)), g_rows(f(2), f(5), f(8))];
+            for r in 0..4 {
+                let row = g_rows(cols[0][r], cols[1][r], cols[2][r]);
+                for c in 0..4 {
+                    uo[(r * 4 + c) * ci + i] = T::from_f64(row[c]);
+                }
+            }
+        }
+    });
+    u
+}
+
+crate::with_avx2!(fn winograd_input<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: usize, tiles_x: usize, stride: usize, v: &mut [T]) => winograd_input_body);
+
+/// `V = Bᵀ·d·B` of the 4×4 input tiles of tile rows `ty0..ty0 + rows` of one channel, into
+/// `v[ξ·stride + tile]`; `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+#[inline(always)]
+fn winograd_input_body<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: usize, tiles_x: usize, stride: usize, v: &mut [T]) {
+    for r in 0..rows {
+        let y = 2 * (ty0 + r);
+        for tx in 0..tiles_x {
+            let t = r * tiles_x + tx;
+            let x = 2 * tx;
+            let d = |i: usize, j: usize| plane[(y + i) * wp + x + j];
+            // Bᵀ·d, one column at a time
+            let mut bd = [[T::from_f64(0.0); 4]; 4];
+            for j in 0..4 {
+                bd[0][j] = d(0, j) - d(2, j);
+                bd[1][j] = d(1, j) + d(2, j);
+                bd[2][j] = d(2, j) - d(1, j);
+                bd[3][j] = d(1, j) - d(3, j);
+            }
+            for (i, row) in bd.iter().enumerate() {
+                v[(i * 4) * stride + t] = row[0] - row[2];
+                v[(i * 4 + 1) * stride + t] = row[1] + row[2];
+                v[(i * 4 + 2) * stride + t] = row[2] - row[1];
+                v[(i * 4 + 3) * stride + t] = row[1] - row[3];
+            }
+        }
+    }
+}
+
+crate::with_avx2!(fn winograd_output<T: WithDType>(m: &[T], stride: usize, bias: T, ty0: usize, rows: usize, tiles_x: usize, plane: &mut [T], ho: usize, wo: usize) => winograd_output_body);
+
+/// `Y = Aᵀ·M·A + bias` of the tiles of one output channel, written where inside the map;
+/// `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn winograd_output_body<T: WithDType>(m: &[T], stride: usize, bias: T, ty0: usize, rows: usize, tiles_x: usize, plane: &mut [T], ho: usize, wo: usize) {
+    for r in 0..rows {
+        let y = 2 * (ty0 + r);
+        for tx in 0..tiles_x {
+            let t = r * tiles_x + tx;
+            let x = 2 * tx;
+            let mv = |i: usize, j: usize| m[(i * 4 + j) * stride + t];
+            // Aᵀ·M
+            let mut am = [[T::from_f64(0.0); 4]; 2];
+            for j in 0..4 {
+                am[0][j] = mv(0, j) + mv(1, j) + mv(2, j);
+                am[1][j] = mv(1, j) - mv(2, j) - mv(3, j);
+            }
+            for (dy, row) in am.iter().enumerate() {
+                if y + dy >= ho {
+                    continue;
+                }
+                let o = &mut plane[(y + dy) * wo..][..wo];
+                o[x] = row[0] + row[1] + row[2] + bias;
+                if x + 1 < wo {
+                    o[x + 1] = row[1] - row[2] - row[3] + bias;
+                }
+            }
+        }
+    }
+}
+
 /// Sets row `c` of a `[C, n]` matrix to `v[c]`.
 fn fill_rows<T: WithDType>(dst: &mut [T], n: usize, v: &[T]) {
     for (row, &b) in dst.chunks_exact_mut(n).zip(v) {
@@ -206,7 +346,19 @@ mod tests {
         let dev = Device::Cpu;
         // (b, ci, h, w, co, k, padding)
         for (i, &(b, ci, h, w, co, k, p)) in
-            [(1, 3, 5, 7, 4, 1, 0), (2, 5, 6, 4, 3, 3, 1), (1, 8, 9, 9, 16, 3, 1), (2, 2, 4, 5, 3, 3, 0), (1, 3, 6, 6, 2, 5, 2), (1, 2, 3, 3, 2, 1, 1)]
+            // 1×1, 3×3 (Winograd: odd and even maps, unpadded, several tile blocks with a short
+            // last one, many channels), 5×5 and a padded 1×1 (shifted products)
+            [
+                (1, 3, 5, 7, 4, 1, 0),
+                (2, 5, 6, 4, 3, 3, 1),
+                (1, 8, 9, 9, 16, 3, 1),
+                (2, 2, 4, 5, 3, 3, 0),
+                (1, 3, 8, 200, 2, 3, 1),
+                (1, 3, 5, 800, 2, 3, 1),
+                (1, 64, 12, 12, 24, 3, 1),
+                (1, 3, 6, 6, 2, 5, 2),
+                (1, 2, 3, 3, 2, 1, 1),
+            ]
                 .iter()
                 .enumerate()
         {
@@ -220,7 +372,9 @@ mod tests {
                     assert_eq!(fast.dims(), slow.dims(), "case {i}");
                     let d = max_abs_diff(&fast, &slow);
                     let scale = max_abs_diff(&slow, &slow.zeros_like().unwrap()).max(1.0);
-                    // relative to the output scale: the two sum the taps in different orders
+                    // relative to the output scale: the two sum the taps in different orders, and
+                    // Winograd's transforms add a few roundings
+                    println!("case {i} {dtype:?}: max |fast − reference| = {d:.2e} (scale {scale:.1})");
                     let tol = if dtype == DType::F32 { 2e-6 } else { 1e-14 };
                     assert!(d <= tol * scale, "case {i} {dtype:?}: max |fast − reference| = {d:e} (scale {scale:.1})");
                 }
