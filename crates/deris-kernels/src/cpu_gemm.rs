@@ -32,6 +32,22 @@ fn parallelism() -> gemm::Parallelism {
 /// `dst = dst + lhs · rhs` (`accumulate`) or `dst = lhs · rhs`, with `dst` row-major
 /// `[lhs.rows, rhs.cols]` at row stride `dst_rs`. Only f32 and f64 are supported.
 pub(crate) fn matmul<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>, rhs: MatRef<T>, accumulate: bool) -> Result<()> {
+    matmul_with(dst, dst_rs, lhs, rhs, accumulate, parallelism())
+}
+
+/// [`matmul`] on the calling thread only, for callers that parallelise over blocks themselves.
+pub(crate) fn matmul_serial<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>, rhs: MatRef<T>, accumulate: bool) -> Result<()> {
+    matmul_with(dst, dst_rs, lhs, rhs, accumulate, gemm::Parallelism::None)
+}
+
+fn matmul_with<T: WithDType>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    accumulate: bool,
+    threads: gemm::Parallelism,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if !matches!(T::DTYPE, candle_core::DType::F32 | candle_core::DType::F64) {
         bail!("cpu gemm: unsupported dtype {:?}", T::DTYPE);
@@ -77,7 +93,7 @@ pub(crate) fn matmul<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>,
             false,
             false,
             false,
-            parallelism(),
+            threads,
         );
     }
     Ok(())

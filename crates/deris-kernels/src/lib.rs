@@ -17,6 +17,7 @@ mod cpu_gemm;
 pub mod group_norm;
 pub mod linear;
 pub mod ms_deform_attn;
+pub mod post_norm;
 pub mod resize;
 mod simd;
 

@@ -134,7 +134,7 @@ impl LinearOp {
     }
 }
 
-crate::with_avx2!(fn relu_in_place<T: WithDType>(xs: &mut [T]) => relu_body);
+crate::with_avx2!(pub(crate) fn relu_in_place<T: WithDType>(xs: &mut [T]) => relu_body);
 
 #[inline(always)]
 fn relu_body<T: WithDType>(xs: &mut [T]) {
@@ -174,3 +174,4 @@ mod tests {
         }
     }
 }
+

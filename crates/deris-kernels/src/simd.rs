@@ -17,14 +17,14 @@ pub(crate) fn has_avx2_fma() -> bool {
     }
 }
 
-/// `with_avx2!(fn name<T: Bound>(args) -> Ret => body)` defines `name`, which calls the
+/// `with_avx2!([pub(crate)] fn name<T: Bound>(args) -> Ret => body)` defines `name`, which calls the
 /// `#[inline(always)]` function `body` compiled for AVX2+FMA when the CPU has them, and the
 /// baseline build of `body` otherwise.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! with_avx2 {
-    (fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
-        fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+    ($vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]

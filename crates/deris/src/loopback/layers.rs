@@ -111,7 +111,6 @@ impl Module for FfnLayer {
     /// # Shapes
     /// - `x`: `[..., C]` → `[..., C]`
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.linear2.forward(&self.linear1.forward(x)?.relu()?)?;
-        self.norm.forward(&(x + h)?)
+        deris_kernels::post_norm::ffn_residual_norm(x, nn::dense(&self.linear1), nn::dense(&self.linear2), nn::norm(&self.norm))
     }
 }

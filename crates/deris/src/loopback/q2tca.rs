@@ -100,7 +100,6 @@ impl GlobalDecoderLayer {
         let keys = src.broadcast_add(src_pos)?;
         let c = self.cross_attn.forward(&t, &keys, src, pad_bias)?;
         let t = self.norm1.forward(&(t + c)?)?;
-        let f = self.linear2.forward(&self.linear1.forward(&t)?.relu()?)?;
-        self.norm3.forward(&(t + f)?)
+        deris_kernels::post_norm::ffn_residual_norm(&t, nn::dense(&self.linear1), nn::dense(&self.linear2), nn::norm(&self.norm3))
     }
 }

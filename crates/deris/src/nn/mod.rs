@@ -31,3 +31,13 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 pub fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
     l.forward(x)
 }
+
+/// A Linear's parameters as the fused kernels take them ([`deris_kernels::post_norm`]).
+pub fn dense(l: &Linear) -> deris_kernels::post_norm::Dense<'_> {
+    deris_kernels::post_norm::Dense { weight: l.weight(), bias: l.bias() }
+}
+
+/// A LayerNorm's parameters as the fused kernels take them ([`deris_kernels::post_norm`]).
+pub fn norm(n: &LayerNorm) -> deris_kernels::post_norm::Norm<'_> {
+    deris_kernels::post_norm::Norm { weight: n.weight(), bias: n.bias(), eps: n.eps() }
+}

@@ -56,15 +56,36 @@ impl MSDeformAttn {
     }
 
     /// Each query attends to `P` points per head and level around its reference point:
-    /// `loc = ref + offset / (W_l, H_l)`, weights softmaxed over the `L·P` points of a head.
+    /// `loc = ref + offset / (W_l, H_l)`, weights softmaxed over the `L·P` points of a head;
+    /// the weighted samples go through `output_proj`.
+    ///
+    /// # Shapes
+    /// Those of [`Self::sample`].
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        reference_points: &Tensor,
+        input_flatten: &Tensor,
+        spatial_shapes: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let sampled = self.sample(query, reference_points, input_flatten, spatial_shapes)?;
+        proj(&self.output_proj, &sampled)
+    }
+
+    /// `output_proj`, for callers that fuse it with what follows (see [`Self::sample`]).
+    pub fn output_proj(&self) -> &Linear {
+        &self.output_proj
+    }
+
+    /// [`Self::forward`] without the final `output_proj`: the weighted samples of every head.
     ///
     /// # Shapes
     /// - `query`: `[B, Lq, d]` (in the encoder: features + position + level embedding)
     /// - `reference_points`: `[B, Lq, L, 2]`, normalised `(x, y)` per level
     /// - `input_flatten`: `[B, S, d]`, the levels' maps flattened row-major and concatenated
     /// - `spatial_shapes`: `(H_l, W_l)` per level, `Σ H_l·W_l = S`
-    /// - returns `[B, Lq, d]` (after `output_proj`)
-    pub fn forward(
+    /// - returns `[B, Lq, d]` (before `output_proj`)
+    pub fn sample(
         &self,
         query: &Tensor,
         reference_points: &Tensor,
@@ -100,6 +121,6 @@ impl MSDeformAttn {
             &weights.to_dtype(sample_dtype)?,
         )?
         .to_dtype(dtype)?; // [B, Lq, d]
-        proj(&self.output_proj, &out)
+        Ok(out)
     }
 }

@@ -9,10 +9,11 @@
 //! `layer_1.{0: Conv3x3, 1: GroupNorm}`.
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use deris_kernels::post_norm;
 
 use crate::config::DerisConfig;
-use crate::nn::{interpolate::resize_bilinear, layer_norm, linear, pos_embed};
+use crate::nn::{dense, interpolate::resize_bilinear, layer_norm, linear, norm, pos_embed};
 use crate::perception::msdeform::{proj, MSDeformAttn};
 use crate::taps::Taps;
 
@@ -80,8 +81,10 @@ impl MSDeformAttnTransformerEncoderLayer {
     }
 
     /// `src = norm1(src + MSDeformAttn(src + pos, ref, src))`, then
-    /// `src = norm2(src + linear2(relu(linear1(src))))`. With `attn_tap = Some(prefix)` the
-    /// attention's `query` and `out` are recorded under `{prefix}.query` / `{prefix}.out`.
+    /// `src = norm2(src + linear2(relu(linear1(src))))`: the attention's output projection and
+    /// both post-norm steps run as the fused row-block ops of [`deris_kernels::post_norm`].
+    /// With `attn_tap = Some(prefix)` the attention's `query` and `out` are recorded under
+    /// `{prefix}.query` / `{prefix}.out`.
     ///
     /// # Shapes
     /// - `src`: `[B, S, d]`; `pos`: `[1, S, d]` (position + level embedding)
@@ -96,15 +99,14 @@ impl MSDeformAttnTransformerEncoderLayer {
         attn_tap: Option<&str>,
     ) -> Result<Tensor> {
         let query = src.broadcast_add(pos)?;
-        let attn = self.self_attn.forward(&query, reference_points, src, spatial_shapes)?;
-        if let Some(prefix) = attn_tap {
+        let sampled = self.self_attn.sample(&query, reference_points, src, spatial_shapes)?;
+        let out_proj = self.self_attn.output_proj();
+        if let (Some(prefix), true) = (attn_tap, taps.enabled()) {
             taps.record(format!("{prefix}.query"), &query);
-            taps.record(format!("{prefix}.out"), &attn);
+            taps.record(format!("{prefix}.out"), &proj(out_proj, &sampled)?);
         }
-        let src = self.norm1.forward(&(src + attn)?)?;
-        let hidden = deris_kernels::linear(&src, self.linear1.weight(), self.linear1.bias(), true)?; // relu(linear1)
-        let ffn = proj(&self.linear2, &hidden)?;
-        self.norm2.forward(&(src + ffn)?)
+        let src = post_norm::linear_residual_norm(&sampled, dense(out_proj), src, norm(&self.norm1))?;
+        post_norm::ffn_residual_norm(&src, dense(&self.linear1), dense(&self.linear2), norm(&self.norm2))
     }
 }
 
