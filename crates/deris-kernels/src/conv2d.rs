@@ -266,6 +266,7 @@ crate::with_avx2!(fn winograd_input<T: WithDType>(plane: &[T], wp: usize, ty0: u
 
 /// `V = Bᵀ·d·B` of the 4×4 input tiles of tile rows `ty0..ty0 + rows` of one channel, into
 /// `v[ξ·stride + tile]`; `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn winograd_input_body<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: usize, tiles_x: usize, stride: usize, v: &mut [T]) {
     for r in 0..rows {
@@ -296,7 +297,7 @@ crate::with_avx2!(fn winograd_output<T: WithDType>(m: &[T], stride: usize, bias:
 
 /// `Y = Aᵀ·M·A + bias` of the tiles of one output channel, written where inside the map;
 /// `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline(always)]
 fn winograd_output_body<T: WithDType>(m: &[T], stride: usize, bias: T, ty0: usize, rows: usize, tiles_x: usize, plane: &mut [T], ho: usize, wo: usize) {
     for r in 0..rows {

@@ -54,16 +54,16 @@ pub fn linear_residual_norm(x: &Tensor, dense: Dense, residual: &Tensor, norm: N
     }
     let t = Contig::new(&all)?;
     let out = match x.dtype() {
-        DType::F32 => t.dispatch::<f32>(|v| Ok(Tensor::from_vec(
+        DType::F32 => t.dispatch::<f32>(|v| Tensor::from_vec(
             residual_norm_blocks(rows, c, |r0, o| linear_block(&v, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
             out_dims(x, c),
             x.device(),
-        )?))?,
-        DType::F64 => t.dispatch::<f64>(|v| Ok(Tensor::from_vec(
+        ))?,
+        DType::F64 => t.dispatch::<f64>(|v| Tensor::from_vec(
             residual_norm_blocks(rows, c, |r0, o| linear_block(&v, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
             out_dims(x, c),
             x.device(),
-        )?))?,
+        ))?,
         dt => bail!("linear_residual_norm: unsupported dtype {dt:?}"),
     };
     Ok(out)
@@ -101,16 +101,16 @@ pub fn ffn_residual_norm(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm)
     }
     let t = Contig::new(&all)?;
     let out = match x.dtype() {
-        DType::F32 => t.dispatch::<f32>(|v| Ok(Tensor::from_vec(
+        DType::F32 => t.dispatch::<f32>(|v| Tensor::from_vec(
             residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
             x.dims(),
             x.device(),
-        )?))?,
-        DType::F64 => t.dispatch::<f64>(|v| Ok(Tensor::from_vec(
+        ))?,
+        DType::F64 => t.dispatch::<f64>(|v| Tensor::from_vec(
             residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
             x.dims(),
             x.device(),
-        )?))?,
+        ))?,
         dt => bail!("ffn_residual_norm: unsupported dtype {dt:?}"),
     };
     Ok(out)

@@ -24,9 +24,11 @@ pub(crate) fn has_avx2_fma() -> bool {
 #[doc(hidden)]
 macro_rules! with_avx2 {
     ($vis:vis fn $name:ident<$t:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
