@@ -201,43 +201,59 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T]) -> Resu
 /// within 20% of each other, 768 the fastest).
 const WINOGRAD_TILES_PER_BLOCK: usize = 768;
 
-/// `F(2×2, 3×3)` over all images, into `out` (`[B, Co, Ho, Wo]`).
+/// `F(2×2, 3×3)` over all images, into `out` (`[B, Co, Ho, Wo]`). Per block of tile rows: the
+/// input transform (parallel over channels), the 16 products (parallel over the tile positions,
+/// each on one thread), the output transform (parallel over output channels).
 fn winograd_3x3<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T], bias: &[T], out: &mut [T]) -> Result<()> {
     let (ho, wo) = g.out_hw();
-    let (ci, co, p) = (g.ci, g.co, g.padding);
+    let (ci, co) = (g.ci, g.co);
     let (tiles_y, tiles_x) = (ho.div_ceil(2), wo.div_ceil(2));
-    // padded planes large enough for every 4×4 input tile at (2·ty, 2·tx)
-    let (hp, wp) = (2 * tiles_y + 2, 2 * tiles_x + 2);
     let zero = T::from_f64(0.0);
     let u = winograd_filters(w, co, ci); // [Co, 16, Ci]
     let rows_per_block = (WINOGRAD_TILES_PER_BLOCK / tiles_x).clamp(1, tiles_y);
-    let mut padded = vec![zero; ci * hp * wp];
     let block_tiles = rows_per_block * tiles_x;
     let mut v = vec![zero; ci * 16 * block_tiles]; // [Ci, 16, tiles]
-    let mut m = vec![zero; co * 16 * block_tiles]; // [Co, 16, tiles]
+    let mut m = vec![zero; 16 * co * block_tiles]; // [16, Co, tiles]
+    let input = InputTiles { h: g.h, w: g.w, pad: g.padding, tiles_x };
     for (xb, ob) in x.chunks_exact(ci * g.h * g.w).zip(out.chunks_exact_mut(co * ho * wo)) {
-        padded.par_chunks_mut(hp * wp).zip(xb.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
-            for (r, row) in src.chunks_exact(g.w).enumerate() {
-                dst[(r + p) * wp + p..][..g.w].copy_from_slice(row);
-            }
-        });
         for ty0 in (0..tiles_y).step_by(rows_per_block) {
             let rows = rows_per_block.min(tiles_y - ty0);
             let nt = rows * tiles_x;
-            v.par_chunks_mut(16 * block_tiles).zip(padded.par_chunks(hp * wp)).for_each(|(vc, plane)| {
-                winograd_input(plane, wp, ty0, rows, tiles_x, block_tiles, vc)
+            v.par_chunks_mut(16 * block_tiles).zip(xb.par_chunks(g.h * g.w)).for_each(|(vc, plane)| {
+                winograd_input(plane, &input, ty0, rows, block_tiles, vc)
             });
-            for xi in 0..16 {
+            m.par_chunks_mut(co * block_tiles).enumerate().try_for_each(|(xi, mx)| {
                 let lhs = MatRef { data: &u[xi * ci..], rows: co, cols: ci, rs: 16 * ci, cs: 1 };
                 let rhs = MatRef { data: &v[xi * block_tiles..], rows: ci, cols: nt, rs: 16 * block_tiles, cs: 1 };
-                cpu_gemm::matmul(&mut m[xi * block_tiles..], 16 * block_tiles, lhs, rhs, false)?;
-            }
-            ob.par_chunks_mut(ho * wo).zip(m.par_chunks(16 * block_tiles)).zip(bias).for_each(|((plane, mc), &b)| {
-                winograd_output(mc, block_tiles, b, ty0, rows, tiles_x, plane, ho, wo)
+                cpu_gemm::matmul_serial(mx, block_tiles, lhs, rhs, false)
+            })?;
+            let m = &m;
+            ob.par_chunks_mut(ho * wo).zip(bias).enumerate().for_each(|(c, (plane, &b))| {
+                let at = OutputTiles { plane_stride: co * block_tiles, offset: c * block_tiles, ho, wo, tiles_x };
+                winograd_output(m, &at, b, ty0, rows, plane)
             });
         }
     }
     Ok(())
+}
+
+/// Where the 4×4 input tiles of one channel lie: tile `(ty, tx)` starts at
+/// `(2·ty − pad, 2·tx − pad)` of the `h × w` plane; samples outside it are the zero padding.
+struct InputTiles {
+    h: usize,
+    w: usize,
+    pad: usize,
+    tiles_x: usize,
+}
+
+/// Where the transformed outputs of one channel lie in `m` (`[16, Co, tiles]`): position `ξ`
+/// of tile `t` is `m[ξ·plane_stride + offset + t]`.
+struct OutputTiles {
+    plane_stride: usize,
+    offset: usize,
+    ho: usize,
+    wo: usize,
+    tiles_x: usize,
 }
 
 /// `U = G·g·Gᵀ` of every filter, `[Co, 16, Ci]`, computed in f64:
@@ -262,26 +278,43 @@ fn winograd_filters<T: WithDType>(w: &[T], co: usize, ci: usize) -> Vec<T> {
     u
 }
 
-crate::with_avx2!(fn winograd_input<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: usize, tiles_x: usize, stride: usize, v: &mut [T]) => winograd_input_body);
+crate::with_avx2!(fn winograd_input<T: WithDType>(plane: &[T], at: &InputTiles, ty0: usize, rows: usize, stride: usize, v: &mut [T]) => winograd_input_body);
 
-/// `V = Bᵀ·d·B` of the 4×4 input tiles of tile rows `ty0..ty0 + rows` of one channel, into
-/// `v[ξ·stride + tile]`; `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+/// `V = Bᵀ·d·B` of the 4×4 input tiles of tile rows `ty0..ty0 + rows` of one channel (`plane`,
+/// unpadded), into `v[ξ·stride + tile]`;
+/// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn winograd_input_body<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: usize, tiles_x: usize, stride: usize, v: &mut [T]) {
+fn winograd_input_body<T: WithDType>(plane: &[T], at: &InputTiles, ty0: usize, rows: usize, stride: usize, v: &mut [T]) {
+    let zero = T::from_f64(0.0);
+    let (h, w, pad) = (at.h as isize, at.w as isize, at.pad as isize);
     for r in 0..rows {
-        let y = 2 * (ty0 + r);
-        for tx in 0..tiles_x {
-            let t = r * tiles_x + tx;
-            let x = 2 * tx;
-            let d = |i: usize, j: usize| plane[(y + i) * wp + x + j];
+        let y = 2 * (ty0 + r) as isize - pad;
+        for tx in 0..at.tiles_x {
+            let t = r * at.tiles_x + tx;
+            let x = 2 * tx as isize - pad;
+            let mut d = [[zero; 4]; 4];
+            if y >= 0 && x >= 0 && y + 4 <= h && x + 4 <= w {
+                for (i, di) in d.iter_mut().enumerate() {
+                    di.copy_from_slice(&plane[(y as usize + i) * at.w + x as usize..][..4]);
+                }
+            } else {
+                for (i, di) in d.iter_mut().enumerate() {
+                    for (j, dij) in di.iter_mut().enumerate() {
+                        let (yy, xx) = (y + i as isize, x + j as isize);
+                        if yy >= 0 && xx >= 0 && yy < h && xx < w {
+                            *dij = plane[yy as usize * at.w + xx as usize];
+                        }
+                    }
+                }
+            }
             // Bᵀ·d, one column at a time
-            let mut bd = [[T::from_f64(0.0); 4]; 4];
+            let mut bd = [[zero; 4]; 4];
             for j in 0..4 {
-                bd[0][j] = d(0, j) - d(2, j);
-                bd[1][j] = d(1, j) + d(2, j);
-                bd[2][j] = d(2, j) - d(1, j);
-                bd[3][j] = d(1, j) - d(3, j);
+                bd[0][j] = d[0][j] - d[2][j];
+                bd[1][j] = d[1][j] + d[2][j];
+                bd[2][j] = d[2][j] - d[1][j];
+                bd[3][j] = d[1][j] - d[3][j];
             }
             for (i, row) in bd.iter().enumerate() {
                 v[(i * 4) * stride + t] = row[0] - row[2];
@@ -293,19 +326,20 @@ fn winograd_input_body<T: WithDType>(plane: &[T], wp: usize, ty0: usize, rows: u
     }
 }
 
-crate::with_avx2!(fn winograd_output<T: WithDType>(m: &[T], stride: usize, bias: T, ty0: usize, rows: usize, tiles_x: usize, plane: &mut [T], ho: usize, wo: usize) => winograd_output_body);
+crate::with_avx2!(fn winograd_output<T: WithDType>(m: &[T], at: &OutputTiles, bias: T, ty0: usize, rows: usize, plane: &mut [T]) => winograd_output_body);
 
 /// `Y = Aᵀ·M·A + bias` of the tiles of one output channel, written where inside the map;
 /// `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn winograd_output_body<T: WithDType>(m: &[T], stride: usize, bias: T, ty0: usize, rows: usize, tiles_x: usize, plane: &mut [T], ho: usize, wo: usize) {
+fn winograd_output_body<T: WithDType>(m: &[T], at: &OutputTiles, bias: T, ty0: usize, rows: usize, plane: &mut [T]) {
+    let (ho, wo) = (at.ho, at.wo);
     for r in 0..rows {
         let y = 2 * (ty0 + r);
-        for tx in 0..tiles_x {
-            let t = r * tiles_x + tx;
+        for tx in 0..at.tiles_x {
+            let t = at.offset + r * at.tiles_x + tx;
             let x = 2 * tx;
-            let mv = |i: usize, j: usize| m[(i * 4 + j) * stride + t];
+            let mv = |i: usize, j: usize| m[(i * 4 + j) * at.plane_stride + t];
             // Aᵀ·M
             let mut am = [[T::from_f64(0.0); 4]; 2];
             for j in 0..4 {
