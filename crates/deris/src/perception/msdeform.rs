@@ -4,10 +4,10 @@
 //! Keys (under `…transformer.encoder.layers.{i}.self_attn`): `sampling_offsets`,
 //! `attention_weights`, `value_proj`, `output_proj` (each `weight`, `bias`).
 //!
-//! The sampling itself is the [`deris_kernels::ms_deform_attn`] op (multithreaded CPU, CUDA
+//! The sampling itself is the [`deris_kernels::ms_deform_attn`](fn@deris_kernels::ms_deform_attn) op (multithreaded CPU, CUDA
 //! with the `cuda` feature, gradients for all inputs); its inputs come from
 //! [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections from
-//! [`deris_kernels::linear`] (both fast on the CPU, primitive ops with gradients in training).
+//! [`deris_kernels::linear`](fn@deris_kernels::linear) (both fast on the CPU, primitive ops with gradients in training).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
