@@ -29,6 +29,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Preprocess an image (and tokenize a sentence) and describe the model inputs.
     Prepare(cmd::prepare::Args),
+    /// Compute the authors' RIS or GRES metrics from a JSON-lines file of predictions.
+    Metrics(cmd::metrics::Args),
 }
 
 fn main() {
@@ -39,6 +41,7 @@ fn main() {
         Command::Dump(a) => cmd::dump::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
+        Command::Metrics(a) => cmd::metrics::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

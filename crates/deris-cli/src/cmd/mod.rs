@@ -2,5 +2,6 @@
 
 pub mod convert;
 pub mod dump;
+pub mod metrics;
 pub mod prepare;
 pub mod tokenize;
