@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod convert;
 pub mod dump;
+pub mod metrics;
 pub mod prepare;
 pub mod tokenize;
