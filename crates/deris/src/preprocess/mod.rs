@@ -1,4 +1,5 @@
 //! Turning user inputs into model inputs exactly as the authors' pipeline does.
 
 pub mod image;
+mod spm;
 pub mod text;
