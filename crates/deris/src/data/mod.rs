@@ -29,8 +29,8 @@ use deris_coco::{CocoError, Rle};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A file that is not the JSON or pickle its layout needs.
     #[error("{}: {reason}", path.display())]
@@ -274,5 +274,5 @@ pub fn coco_train2014_name(image_id: u64) -> String {
 }
 
 pub(crate) fn io_error(path: &Path, source: std::io::Error) -> DataError {
-    DataError::Io { path: path.to_path_buf(), source }
+    DataError::Io { path: path.to_path_buf(), err: source }
 }
