@@ -33,6 +33,8 @@ enum Command {
     Prepare(cmd::prepare::Args),
     /// Compute the authors' RIS or GRES metrics from a JSON-lines file of predictions.
     Metrics(cmd::metrics::Args),
+    /// Write a synthetic GRES dataset (shapes, referring expressions) in the DeRIS gRefCOCO layout.
+    Synth(cmd::synth::Args),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Metrics(a) => cmd::metrics::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -5,4 +5,5 @@ pub mod convert;
 pub mod dump;
 pub mod metrics;
 pub mod prepare;
+pub mod synth;
 pub mod tokenize;

@@ -19,7 +19,10 @@
 //! [`mini`] writes a tiny dataset in each layout, for tests and demos.
 
 pub mod mini;
+pub mod nsc;
 pub mod readers;
+pub mod rng;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 
