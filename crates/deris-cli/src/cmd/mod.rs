@@ -4,4 +4,5 @@ pub mod bench;
 pub mod convert;
 pub mod dump;
 pub mod prepare;
+pub mod segment;
 pub mod tokenize;
