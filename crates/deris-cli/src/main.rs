@@ -33,6 +33,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Preprocess an image into the model's two input tensors and describe them.
     Prepare(cmd::prepare::Args),
+    /// Compute the authors' RIS or GRES metrics from a JSON-lines file of predictions.
+    Metrics(cmd::metrics::Args),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
+        Command::Metrics(a) => cmd::metrics::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -20,7 +20,9 @@
 pub mod checkpoint;
 pub mod cognition;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loopback;
 pub mod model;
 pub mod nn;
