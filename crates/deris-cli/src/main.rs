@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Segment the object a sentence refers to: mask.png, overlay.png and result.json per input.
+    Segment(cmd::segment::Args),
     /// Tokenize JSON lines `{"text": ...}` from stdin into `{"ids", "attention_mask"}` lines.
     Tokenize(cmd::tokenize::Args),
     /// Run the model on the `input.*` tensors of a golden file and write every intermediate.
@@ -41,6 +43,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Segment(a) => cmd::segment::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Dump(a) => cmd::dump::run(a),
         Command::Convert(a) => cmd::convert::run(a),

@@ -5,5 +5,6 @@ pub mod convert;
 pub mod dump;
 pub mod metrics;
 pub mod prepare;
+pub mod segment;
 pub mod synth;
 pub mod tokenize;
