@@ -16,10 +16,11 @@ DEST=${DEST:-.cuda-run}
 HERE=$(cd "$(dirname "$0")" && pwd)
 : "${CUDA_COMPUTE_CAP:?set CUDA_COMPUTE_CAP, e.g. 90 for an H100}"
 export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-0}
-features=deris-kernels/cuda,deris/cuda,deris-cli/cuda
+# One package set and feature set for both commands, so that they share every artifact.
+pkgs=(-p deris-kernels -p deris -p deris-cli --features deris-kernels/cuda,deris/cuda,deris-cli/cuda)
 json=$(mktemp)
-cargo build -p deris-cli --features deris-cli/cuda --message-format=json-render-diagnostics >"$json"
-cargo test --no-run -p deris-kernels --features "$features" --test cuda --message-format=json-render-diagnostics >>"$json"
+cargo build "${pkgs[@]}" --message-format=json-render-diagnostics >"$json"
+cargo test --no-run "${pkgs[@]}" --test cuda --message-format=json-render-diagnostics >>"$json"
 exe() { # exe TARGET_NAME KIND: path of the built executable
     python3 -c 'import json, sys
 for line in open(sys.argv[1]):

@@ -23,11 +23,16 @@ step() { # step NAME TIMEOUT_S LOG CMD...: runs CMD with a time limit, logs, rec
     return $rc
 }
 
-cd "$BUNDLE" && { [ -x bin/deris ] || tar -xJf bundle.tar.xz; } && cd "$ROOT" || { say "no bundle in $BUNDLE"; exit 1; }
+cd "$BUNDLE" && tar -xJf bundle.tar.xz && cd "$ROOT" || { say "no bundle in $BUNDLE"; exit 1; }
 
 # The CUDA libraries the binaries link to: the toolkit's, else the PyPI wheels of python3's torch.
 PYLIBS=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))' 2>/dev/null)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${PYLIBS}:${LD_LIBRARY_PATH:-}
+# Any library still missing: look for it in the usual places.
+for so in $(ldd "$BUNDLE"/bin/* 2>/dev/null | awk '/not found/ {print $1}' | sort -u); do
+    hit=$(find /usr /opt /usr/local -name "$so" 2>/dev/null | head -n 1)
+    [ -n "$hit" ] && export LD_LIBRARY_PATH=$(dirname "$hit"):$LD_LIBRARY_PATH
+done
 export DERIS_FIXTURES=$ROOT/fixtures RUST_BACKTRACE=1
 {
     nvidia-smi
@@ -39,14 +44,14 @@ say "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=
 grep -q 'not found' "$OUT/env.log" && say "WARNING: unresolved libraries (see env.log)"
 
 # 1. deris-kernels: CUDA kernels against the CPU kernels, forward and gradients.
-step kernels-cuda-test 150 "$OUT/kernels.log" "$BUNDLE/bin/kernels-cuda-test" --nocapture --test-threads 1
+step kernels-cuda-test 90 "$OUT/kernels.log" "$BUNDLE/bin/kernels-cuda-test" --nocapture --test-threads 1
 grep -E '^case|test result' "$OUT/kernels.log" | tee -a "$SUMMARY"
 
 # 2. tiny-a on CUDA against the golden tensors, from both weight files.
 for w in safetensors pth; do
-    step "dump-tiny-a-cuda-$w" 120 "$OUT/parity.log" "$BUNDLE/bin/deris" dump --device cuda --config configs/tiny-a.json \
+    step "dump-tiny-a-cuda-$w" 60 "$OUT/parity.log" "$BUNDLE/bin/deris" dump --device cuda --config configs/tiny-a.json \
         --weights fixtures/tiny-a/weights.$w --inputs fixtures/tiny-a/golden.safetensors --out "$OUT/tiny-a-cuda-$w.safetensors" &&
-        step "parity-tiny-a-cuda-$w" 60 "$OUT/parity.log" python3 "$BUNDLE/compare_golden.py" \
+        step "parity-tiny-a-cuda-$w" 30 "$OUT/parity.log" python3 "$BUNDLE/compare_golden.py" \
             fixtures/tiny-a/golden.safetensors "$OUT/tiny-a-cuda-$w.safetensors"
     grep -E '^compared|^FAIL' "$OUT/parity.log" | tail -n 12 | tee -a "$SUMMARY"
 done
@@ -58,10 +63,10 @@ bench() { # bench DEVICE BATCH RUNS WARMUP LIMIT
         --batch "$2" --runs "$3" --warmup "$4" --json
     tail -n 1 "$OUT/bench.log" | grep '^{' >>"$OUT/bench.jsonl"
 }
-bench cuda 1 10 2 90
-bench cuda 8 5 1 90
-bench cuda 32 3 1 150
-bench cpu 1 1 0 90
+bench cuda 1 10 2 60
+bench cuda 8 5 1 60
+bench cuda 32 3 1 90
+bench cpu 1 1 0 60
 python3 - "$OUT/bench.jsonl" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
