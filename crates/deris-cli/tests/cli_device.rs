@@ -19,7 +19,8 @@ fn unknown_device_is_an_error() {
     for dev in ["tpu", "cuda:x"] {
         let out = deris(&["bench", "--config", &cfg, "--device", dev, "--runs", "1"]);
         assert_eq!(out.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("--device {dev}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--device") && err.contains(&format!("'{dev}' is not a device")), "{err}");
     }
 }
 

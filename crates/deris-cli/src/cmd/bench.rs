@@ -39,7 +39,7 @@ pub struct Args {
     json: bool,
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: super::DeviceArg,
 }
 
 #[derive(Serialize)]
@@ -77,7 +77,7 @@ struct StagesJson {
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.batch > 0 && a.runs > 0, "--batch and --runs must be positive");
     let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
-    let device = super::open_device(&a.device)?;
+    let device = a.device.open()?;
     let gpu_watch = super::GpuMemWatch::start(&device)?;
     let gpu_base_mib = gpu_watch.as_ref().map(super::GpuMemWatch::first_mib);
     let t0 = Instant::now();
@@ -131,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
     let min = totals.iter().cloned().fold(f64::INFINITY, f64::min);
     let report = Report {
         config: cfg.name.clone(),
-        device: a.device.clone(),
+        device: a.device.to_string(),
         batch: a.batch,
         runs: a.runs,
         threads: candle_core::utils::get_num_threads(),

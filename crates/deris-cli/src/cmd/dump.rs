@@ -40,7 +40,7 @@ pub struct Args {
     no_singles: bool,
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: super::DeviceArg,
 }
 
 const INPUTS: [&str; 4] = ["input.img", "input.img_mini", "input.ref_expr_inds", "input.text_attention_mask"];
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.reference_batch_coupling {
         cfg.runtime.batch_coupling = BatchCoupling::Reference;
     }
-    let device = super::open_device(&a.device)?;
+    let device = a.device.open()?;
     let inputs = read_inputs(&a.inputs, &device)?;
     let ckpt = Checkpoint::open(&a.weights)?;
     let model = checkpoint::load_strict(&ckpt, DType::F32, &device, &cfg.name, |vb| Deris::new(&cfg, vb))?;

@@ -9,24 +9,55 @@ pub mod segment;
 pub mod synth;
 pub mod tokenize;
 
+use std::str::FromStr;
+
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
-/// Opens the device named by `--device`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA device in a
-/// build without the `cuda` feature is an error that says how to get one.
-pub fn open_device(name: &str) -> Result<Device> {
-    let ordinal = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => match name.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().with_context(|| format!("--device {name}: '{n}' is not a GPU index"))?,
-            None => bail!("--device {name}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        bail!("--device {name}: this deris was built without the `cuda` feature (rebuild with `--features cuda`)");
+/// `--device`: `cpu`, `cuda` (GPU 0) or `cuda:N`, validated when the arguments are parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(i)) => Ok(DeviceArg::Cuda(i)),
+                _ => Err(format!("'{s}' is not a device: use cpu, cuda or cuda:N")),
+            },
+        }
     }
-    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// Opens the device; CUDA in a build without the `cuda` feature is an error that says how
+    /// to get one.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda(i) => {
+                if !cfg!(feature = "cuda") {
+                    bail!("--device cuda: this deris was built without the `cuda` feature (rebuild with `--features cuda`)");
+                }
+                Device::new_cuda(i).with_context(|| format!("opening CUDA device {i}"))
+            }
+        }
+    }
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -73,5 +104,18 @@ impl GpuMemWatch {
     pub fn peak_mib(self) -> f64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().map_or(f64::NAN, |b| b as f64 / MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
+        assert_eq!("CUDA".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
+        assert_eq!("cuda:1".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(1)));
+        assert!("tpu".parse::<DeviceArg>().is_err());
     }
 }

@@ -9,11 +9,9 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -70,45 +68,10 @@ pub struct Args {
     batch: usize,
     /// `cpu`, or `cuda` / `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
-    device: DeviceArg,
+    device: super::DeviceArg,
     /// CPU threads for the model and decoding [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-}
-
-/// `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceArg {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(DeviceArg::Cpu),
-            "cuda" => Ok(DeviceArg::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(i)) => Ok(DeviceArg::Cuda(i)),
-                _ => Err(format!("'{s}' is not a device: use cpu, cuda or cuda:N")),
-            },
-        }
-    }
-}
-
-impl DeviceArg {
-    fn open(self) -> Result<Device> {
-        match self {
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda(i) => {
-                if !cfg!(feature = "cuda") {
-                    bail!("--device cuda: this deris was built without CUDA support; rebuild with the `cuda` feature (cargo build --release --features cuda)");
-                }
-                Device::new_cuda(i).with_context(|| format!("opening CUDA device {i}"))
-            }
-        }
-    }
 }
 
 /// One (image, sentence) pair to segment, or a manifest line that could not be read.
@@ -402,14 +365,6 @@ fn summary_json(jobs: &[Job], outcomes: &[Outcome], secs: f64, model: &str, thre
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_names_parse() {
-        assert_eq!("cpu".parse::<DeviceArg>(), Ok(DeviceArg::Cpu));
-        assert_eq!("CUDA".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(0)));
-        assert_eq!("cuda:1".parse::<DeviceArg>(), Ok(DeviceArg::Cuda(1)));
-        assert!("tpu".parse::<DeviceArg>().is_err());
-    }
 
     #[test]
     fn output_names_are_safe() {
