@@ -35,6 +35,8 @@ enum Command {
     Prepare(cmd::prepare::Args),
     /// Compute the authors' RIS or GRES metrics from a JSON-lines file of predictions.
     Metrics(cmd::metrics::Args),
+    /// Evaluate a model on a dataset split with the authors' protocol and metrics.
+    Eval(cmd::eval::Args),
     /// Write a synthetic GRES dataset (shapes, referring expressions) in the DeRIS gRefCOCO layout.
     Synth(cmd::synth::Args),
 }
@@ -50,6 +52,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Metrics(a) => cmd::metrics::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Synth(a) => cmd::synth::run(a),
     };
     if let Err(e) = result {

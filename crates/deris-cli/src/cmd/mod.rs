@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod dump;
+pub mod eval;
 pub mod metrics;
 pub mod prepare;
 pub mod segment;

@@ -149,7 +149,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Caps candle's and rayon's worker threads; called before any thread pool starts.
-fn set_threads(n: usize) -> Result<()> {
+pub(crate) fn set_threads(n: usize) -> Result<()> {
     ensure!(n > 0, "--threads must be at least 1");
     // Only the main thread runs at this point, so changing the environment is sound.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -6,6 +6,8 @@
 //!   the no-target flag and the per-query scores, and report the authors' numbers.
 //! - [`records`]: the JSON-lines record of one sample, written by `deris eval --save-predictions`
 //!   and read by `deris metrics`.
+//! - [`protocol`]: a whole split through a [`crate::Segmenter`] (`deris eval`), under the
+//!   reference (384²) or the original-resolution protocol.
 //!
 //! A split evaluation (`deris eval`) is a loop on top: read the split with [`crate::data`] (one
 //! sample per sentence), build each sample's ground truth with [`crate::data::Sample::gt_mask`],
@@ -14,6 +16,7 @@
 //! gives the JSON that `deris metrics` prints.
 
 pub mod metrics;
+pub mod protocol;
 pub mod records;
 
 pub use metrics::{GresMetrics, GresReport, GresSample, GresSummary, NtCase, NtCounts, RisMetrics, RisReport, RisSample, RisSummary};
