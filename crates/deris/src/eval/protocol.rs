@@ -385,8 +385,10 @@ where
         let batches = present.chunks(options.batch_size);
         scope.spawn(move || {
             for chunk in batches {
-                let loaded: Result<Vec<Loaded<'_>>, EvalError> =
+                let each: Vec<Result<Loaded<'_>, EvalError>> =
                     chunk.par_iter().map(|s| load(segmenter, s, options.protocol, model_size)).collect();
+                // The first failure in split order, whichever thread met it first.
+                let loaded: Result<Vec<Loaded<'_>>, EvalError> = each.into_iter().collect();
                 let failed = loaded.is_err();
                 // A closed channel means the consumer stopped: so do we.
                 if tx.send(loaded).is_err() || failed {
