@@ -9,14 +9,13 @@
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use deris::data::{AnnotationSource, Layout};
 use deris::eval::protocol::{self, EvalOptions, EvalProgress, EvalReport, Protocol, Task};
 use deris::eval::PredictionRecord;
-use deris::{BatchCoupling, DerisConfig, Segmenter, Weights};
 
 /// Arguments of `deris eval`.
 #[derive(clap::Args, Debug)]
@@ -47,36 +46,11 @@ pub struct Args {
     /// the ground truth nearest-resized to it; `original`: at the original image size.
     #[arg(long, value_enum, default_value = "reference")]
     protocol: ProtocolArg,
-    /// Checkpoint (.pth or .safetensors) of the model named by --config.
-    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
-    weights: Option<PathBuf>,
-    /// Testing aid: build the model with random weights from this seed. The numbers mean nothing.
-    #[arg(long, value_name = "SEED")]
-    random_weights: Option<u64>,
-    /// The BEiT-3 sentencepiece model (beit3.spm); its vocabulary must fit the model's.
-    #[arg(long)]
-    tokenizer: PathBuf,
-    /// Built-in model name (deris-b-refcoco, deris-l-refcoco, deris-b-grefcoco,
-    /// deris-l-grefcoco) or a JSON config file.
-    #[arg(long, default_value = "deris-b-refcoco")]
-    config: String,
-    /// A query is a referent when its score is above this; a sample without one is predicted
-    /// no-target [default: the model's, 0.7, or 0.9 for deris-l-grefcoco, as in the README].
-    #[arg(long)]
-    threshold: Option<f64>,
+    #[command(flatten)]
+    model: super::model_args::ModelArgs,
     /// Samples per forward pass.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Let the samples of a batch interact as in the authors' code (their evaluation batches are
-    /// 16 for RefCOCO and 1 for gRefCOCO); by default results do not depend on --batch.
-    #[arg(long)]
-    reference_batch_coupling: bool,
-    /// `cpu`, or `cuda` / `cuda:N` (needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: super::DeviceArg,
-    /// CPU threads for the model and image decoding [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
     /// Write every sample's prediction and ground truth as JSON lines (`deris metrics` reads them).
     #[arg(long, value_name = "FILE.jsonl")]
     save_predictions: Option<PathBuf>,
@@ -136,9 +110,7 @@ struct SavedLine<'a> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(n) = a.threads {
-        super::segment::set_threads(n)?;
-    }
+    a.model.apply_threads()?;
     ensure!(a.batch > 0, "--batch must be at least 1");
     let outputs: Vec<&Path> = [a.save_predictions.as_deref(), a.report_json.as_deref()].into_iter().flatten().collect();
     check_outputs(&a, &outputs)?;
@@ -170,7 +142,7 @@ pub fn run(a: Args) -> Result<()> {
     ensure!(!samples.is_empty(), "split '{}' of {} has no sample to evaluate", a.split, a.annotations.display());
     let skipped = protocol::check_images(&samples, a.skip_missing)?;
 
-    let segmenter = load_segmenter(&a)?;
+    let segmenter = a.model.load()?;
     let (tmp_predictions, mut writer) = match a.save_predictions.as_deref().map(TempFile::create).transpose()? {
         Some((t, w)) => (Some(t), Some(w)),
         None => (None, None),
@@ -232,33 +204,12 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Loads the config, the weights and the tokenizer, and applies --threshold and the coupling.
-fn load_segmenter(a: &Args) -> Result<Segmenter> {
-    let device = a.device.open()?;
-    let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
-    let weights = match (&a.weights, a.random_weights) {
-        (Some(w), _) => Weights::File(w.clone()),
-        (None, Some(seed)) => Weights::Random { seed },
-        (None, None) => bail!("give --weights FILE (or --random-weights SEED for a test)"),
-    };
-    let what = match &weights {
-        Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
-        Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
-    };
-    let mut segmenter = Segmenter::load(&cfg, &weights, &a.tokenizer, &device).context(what)?;
-    if let Some(t) = a.threshold {
-        segmenter = segmenter.with_score_threshold(t).context("--threshold")?;
-    }
-    if a.reference_batch_coupling {
-        segmenter = segmenter.with_batch_coupling(BatchCoupling::Reference);
-    }
-    Ok(segmenter)
-}
-
 /// Refuses outputs that would replace an input file or each other.
 fn check_outputs(a: &Args, outputs: &[&Path]) -> Result<()> {
-    let named = [Some(a.annotations.as_path()), a.instances.as_deref(), a.weights.as_deref(), Some(a.tokenizer.as_path()), Some(Path::new(&a.config))];
-    let inputs: Vec<PathBuf> = named.into_iter().flatten().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+    let mut named = vec![a.annotations.as_path()];
+    named.extend(a.instances.as_deref());
+    named.extend(a.model.input_paths());
+    let inputs: Vec<PathBuf> = named.into_iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
     for out in outputs {
         if let Ok(existing) = std::fs::canonicalize(out) {
             ensure!(!inputs.contains(&existing), "refusing to overwrite the input file {}", out.display());

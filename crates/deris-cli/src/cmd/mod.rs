@@ -5,6 +5,7 @@ pub mod convert;
 pub mod dump;
 pub mod eval;
 pub mod metrics;
+pub mod model_args;
 pub mod prepare;
 pub mod segment;
 pub mod synth;

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use deris::pipeline::PreparedInput;
 use deris::preprocess::image::{load_image, RgbImage, MAX_PIXELS};
 use deris::viz::{overlay, Style};
-use deris::{DerisConfig, Prediction, Segmenter, Weights};
+use deris::{Prediction, Segmenter};
 
 /// Arguments of `deris segment`.
 #[derive(clap::Args, Debug)]
@@ -42,36 +42,14 @@ pub struct Args {
     /// The referring sentence (with --image or --images).
     #[arg(long, required_unless_present = "manifest")]
     text: Option<String>,
-    /// Checkpoint (.pth or .safetensors) of the model named by --config.
-    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
-    weights: Option<PathBuf>,
-    /// Demo and testing aid: build the model with random weights from this seed instead of a
-    /// checkpoint. The masks mean nothing.
-    #[arg(long, value_name = "SEED")]
-    random_weights: Option<u64>,
-    /// The BEiT-3 sentencepiece model (beit3.spm); its vocabulary must fit the model's.
-    #[arg(long)]
-    tokenizer: PathBuf,
-    /// Built-in model name (deris-b-refcoco, deris-l-refcoco, deris-b-grefcoco,
-    /// deris-l-grefcoco) or a JSON config file.
-    #[arg(long, default_value = "deris-b-refcoco")]
-    config: String,
-    /// A query is a referent when its score is above this [default: the model's threshold,
-    /// 0.7 for the released models except deris-l-grefcoco's 0.9].
-    #[arg(long)]
-    threshold: Option<f64>,
+    #[command(flatten)]
+    model: super::model_args::ModelArgs,
     /// Output folder (created if needed).
     #[arg(long, default_value = "deris-out")]
     out: PathBuf,
     /// Inputs per forward pass in batch mode.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// `cpu`, or `cuda` / `cuda:N` (needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: super::DeviceArg,
-    /// CPU threads for the model and decoding [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
 }
 
 /// One (image, sentence) pair to segment, or a manifest line that could not be read.
@@ -90,30 +68,14 @@ struct Job {
 type Outcome = std::result::Result<Prediction, String>;
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(n) = a.threads {
-        set_threads(n)?;
-    }
+    a.model.apply_threads()?;
     ensure!(a.batch > 0, "--batch must be at least 1");
-    let device = a.device.open()?;
-    let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
     let batch_mode = a.image.is_none();
     let jobs = collect_jobs(&a)?;
     ensure!(!jobs.is_empty(), "no inputs: {} holds no .jpg, .jpeg or .png file", a.images.as_deref().unwrap_or(Path::new("?")).display());
     let protected = protected_inputs(&a, &jobs);
 
-    let weights = match (&a.weights, a.random_weights) {
-        (Some(w), _) => Weights::File(w.clone()),
-        (None, Some(seed)) => Weights::Random { seed },
-        (None, None) => bail!("give --weights FILE (or --random-weights SEED for a demo)"),
-    };
-    let what = match &weights {
-        Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
-        Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
-    };
-    let mut segmenter = Segmenter::load(&cfg, &weights, &a.tokenizer, &device).context(what)?;
-    if let Some(t) = a.threshold {
-        segmenter = segmenter.with_score_threshold(t).context("--threshold")?;
-    }
+    let segmenter = a.model.load()?;
     if batch_mode {
         // One input creates its folder when it writes; a batch needs it for summary.json anyway.
         std::fs::create_dir_all(&a.out).with_context(|| format!("creating the output folder {}", a.out.display()))?;
@@ -142,19 +104,9 @@ pub fn run(a: Args) -> Result<()> {
     let failed = outcomes.iter().filter(|o| o.is_err()).count();
     let ok = jobs.len() - failed;
     eprintln!("segmented {ok} of {} inputs in {secs:.1} s ({:.2} inputs/s); {failed} failed", jobs.len(), ok as f64 / secs.max(1e-9));
-    let summary = summary_json(&jobs, &outcomes, secs, &cfg.name, segmenter.score_threshold());
+    let summary = summary_json(&jobs, &outcomes, secs, &segmenter.config().name, segmenter.score_threshold());
     write_file(&a.out.join("summary.json"), summary.as_bytes(), &protected).context("writing summary.json")?;
     ensure!(failed == 0, "{failed} of {} inputs failed (listed above)", jobs.len());
-    Ok(())
-}
-
-/// Caps candle's and rayon's worker threads; called before any thread pool starts.
-pub(crate) fn set_threads(n: usize) -> Result<()> {
-    ensure!(n > 0, "--threads must be at least 1");
-    // Only the main thread runs at this point, so changing the environment is sound.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
     Ok(())
 }
 
@@ -226,7 +178,8 @@ fn sanitize(name: &str) -> String {
 /// Canonical paths of every input file, which no output may replace.
 fn protected_inputs(a: &Args, jobs: &[Job]) -> HashSet<PathBuf> {
     let mut paths: Vec<&Path> = jobs.iter().map(|j| j.image.as_path()).collect();
-    paths.extend([a.manifest.as_deref(), a.weights.as_deref(), Some(a.tokenizer.as_path()), Some(Path::new(&a.config))].into_iter().flatten());
+    paths.extend(a.manifest.as_deref());
+    paths.extend(a.model.input_paths());
     paths.into_iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect()
 }
 
