@@ -132,3 +132,32 @@ fn gradients_fall_back_to_the_reference() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn window_attention_matches_reference() -> Result<()> {
+    use deris_kernels::fused::window::PAD;
+    // 40 image tokens shuffled into 3 windows of 16 with 8 padding slots.
+    let (b, l, nw, n, h, hd) = (2, 40, 3, 16, 2, 8);
+    let mut slots: Vec<u32> = (0..l as u32).chain(std::iter::repeat_n(PAD, nw * n - l)).collect();
+    let mut state = 7u64;
+    for i in (1..slots.len()).rev() {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        slots.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    let qkv = rand(&[b, l, 3 * h * hd], 23, 1.0)?;
+    let qkv_bias = rand(&[3 * h * hd], 24, 1.0)?;
+    let rel = rand(&[1, h, n, n], 25, 1.0)?;
+    let mask = rand(&[nw, 1, n, n], 26, 1.0)?.ge(0.3)?.to_dtype(DType::F32)?.affine(-100.0, 0.0)?;
+    for (bias, biases) in [(None, vec![]), (Some(&qkv_bias), vec![&rel]), (Some(&qkv_bias), vec![&rel, &mask])] {
+        let got = fused::window_attention(&qkv, bias, &slots, nw, h, 0.3, &biases)?;
+        let want = fused::window_attention_reference(&qkv, bias, &slots, nw, h, 0.3, &biases)?;
+        let d = max_abs_diff(&got, &want)?;
+        assert!(d < 1e-5, "window attention with {} biases: max |Δ| {d:e}", biases.len());
+    }
+    // A token missing from the windows is an error.
+    let mut broken = slots.clone();
+    let i = broken.iter().position(|&s| s != PAD).unwrap_or(0);
+    broken[i] = PAD;
+    assert!(fused::window_attention(&qkv, None, &broken, nw, h, 0.3, &[]).is_err());
+    Ok(())
+}

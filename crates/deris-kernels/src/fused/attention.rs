@@ -11,7 +11,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
-use super::{cpu_f32, fast_path, SendPtr};
+use super::{cpu_f32, fast_path, CpuF32, SendPtr};
 
 /// `softmax(q·kᵀ·scale + Σ biases)·v` over the key axis.
 ///
@@ -42,17 +42,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
             if b4.dim(3)? > 1 && b4.stride()[3] != 1 { b4.contiguous() } else { Ok(b4) }
         })
         .collect::<Result<Vec<_>>>()?;
+    let pc = super::prof::cpu();
     let (qs, ks, vs) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?);
     let bs = biases.iter().map(cpu_f32).collect::<Result<Vec<_>>>()?;
-    let bias_views: Vec<BiasView> = bs
-        .iter()
-        .map(|b| {
-            let dims = b.layout.dims();
-            let st = b.layout.stride();
-            let s = |i: usize| if dims[i] == 1 { 0 } else { st[i] };
-            BiasView { data: b.data(), start: b.layout.start_offset(), groups: dims[0], strides: [s(0), s(1), s(2), s(3)] }
-        })
-        .collect();
+    let bias_views: Vec<BiasView> = bs.iter().map(BiasView::new).collect();
     let (qd, kd, vd) = (qs.data(), ks.data(), vs.data());
     let (qo, ko, vo) = (qs.layout.start_offset(), ks.layout.start_offset(), vs.layout.start_offset());
     let (qst, kst, vst) = (q.stride(), k.stride(), v.stride());
@@ -103,7 +96,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
     };
     (0..b * h * nqb).into_par_iter().for_each(task);
     drop((qs, ks, vs, bs));
-    Tensor::from_vec(out, (b, lq, h, hd), q.device())?.transpose(1, 2)
+    let r = Tensor::from_vec(out, (b, lq, h, hd), q.device())?.transpose(1, 2);
+    if super::prof::enabled() { super::prof::add(format!("attn b{b} h{h} lq{lq} lk{lk} hd{hd} nb{}", biases.len()), super::prof::cpu() - pc, 4.0 * (b * h * lq * lk * hd) as f64); }
+    r
 }
 
 /// [`attention`] from primitive candle ops (differentiable; any device and dtype).
@@ -161,7 +156,7 @@ impl Geometry {
 }
 
 /// A bias left-padded with unit axes to rank 4.
-fn to_rank4(t: &Tensor) -> Result<Tensor> {
+pub(super) fn to_rank4(t: &Tensor) -> Result<Tensor> {
     let mut t = t.clone();
     while t.rank() < 4 {
         t = t.unsqueeze(0)?;
@@ -171,11 +166,21 @@ fn to_rank4(t: &Tensor) -> Result<Tensor> {
 
 /// One bias as the kernel reads it: element `(b, h, i, j)` is at
 /// `start + (b mod groups)·s₀ + h·s₁ + i·s₂ + j·s₃` (stride 0 on broadcast axes, `s₃ ∈ {0, 1}`).
-struct BiasView<'a> {
+pub(super) struct BiasView<'a> {
     data: &'a [f32],
     start: usize,
     groups: usize,
     strides: [usize; 4],
+}
+
+impl<'a> BiasView<'a> {
+    /// The view of a rank-4 bias whose key axis is contiguous or broadcast.
+    pub(super) fn new(t: &'a CpuF32<'a>) -> Self {
+        let dims = t.layout.dims();
+        let st = t.layout.stride();
+        let s = |i: usize| if dims[i] == 1 { 0 } else { st[i] };
+        BiasView { data: t.data(), start: t.layout.start_offset(), groups: dims[0], strides: [s(0), s(1), s(2), s(3)] }
+    }
 }
 
 /// Query rows per task: the scores of a block stay within ~256 KiB, and blocks shrink (to 16
@@ -192,7 +197,7 @@ fn query_block(heads_total: usize, lq: usize, lk: usize) -> usize {
 multiversion! {
     /// Adds the bias rows of `(b, h, i0..)` to the `lk`-wide rows of `scores` and turns each
     /// row into its softmax.
-    fn softmax_rows(scores: &mut [f32], lk: usize, biases: &[BiasView<'_>], b: usize, h: usize, i0: usize) {
+    pub(super) fn softmax_rows(scores: &mut [f32], lk: usize, biases: &[BiasView<'_>], b: usize, h: usize, i0: usize) {
         for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
             for bias in biases {
                 let [s0, s1, s2, s3] = bias.strides;

@@ -59,6 +59,7 @@ pub fn linear(
         return linear_reference(x, weight, bias, act, residual);
     }
     let m = x.elem_count() / k;
+    let pc = super::prof::cpu();
     let x = x.contiguous()?;
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
@@ -118,7 +119,9 @@ pub fn linear(
         (0..tm * tn).into_par_iter().for_each(task);
     }
     drop((xs, ws, bs, rs));
-    Tensor::from_vec(out, out_dims, x.device())
+    let r = Tensor::from_vec(out, out_dims, x.device());
+    if super::prof::enabled() { super::prof::add(format!("linear m{m} n{n} k{k} {act:?} r{}", residual.is_some()), super::prof::cpu() - pc, 2.0 * (m * n * k) as f64); }
+    r
 }
 
 /// [`linear`] from primitive candle ops (differentiable; any device and dtype).
@@ -151,17 +154,20 @@ pub fn linear_reference(
 /// Output tiles `(rows, cols)` for an `m×n×k` product: large enough for `gemm` to run near its
 /// peak, small enough for about four tiles per thread.
 fn tile_sizes(m: usize, n: usize, k: usize) -> (usize, usize) {
-    const MIN: usize = 64;
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let min_: usize = env("DERIS_MIN", 64);
+    let tpt: usize = env("DERIS_TPT", 4);
+    let msplit: usize = env("DERIS_MSPLIT", 0);
     let threads = rayon::current_num_threads().max(1);
     if m * n * k < 1 << 18 {
         return (m, n);
     }
     let (mut mc, mut nc) = (m.min(256), n.min(512));
-    while m.div_ceil(mc) * n.div_ceil(nc) < 4 * threads && (mc > MIN || nc > MIN) {
-        if (nc >= mc && nc > MIN) || mc <= MIN {
-            nc = nc.div_ceil(2).max(MIN);
+    while m.div_ceil(mc) * n.div_ceil(nc) < tpt * threads && (mc > min_ || nc > min_) {
+        if ((nc >= mc || msplit == 0) && nc > min_) || mc <= min_ {
+            nc = nc.div_ceil(2).max(min_);
         } else {
-            mc = mc.div_ceil(2).max(MIN);
+            mc = mc.div_ceil(2).max(min_);
         }
     }
     let round = |v: usize, full: usize| if v >= full { full } else { v.div_ceil(16) * 16 };

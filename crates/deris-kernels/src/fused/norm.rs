@@ -23,6 +23,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return layer_norm_reference(x, weight, bias, eps);
     }
     let rows = x.elem_count() / c;
+    let pc = super::prof::cpu();
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
     let (xs, w, b) = (cpu_f32(x)?, cpu_f32(&weight)?, cpu_f32(&bias)?);
     let (xs, w, b) = (xs.contiguous()?, w.contiguous()?, b.contiguous()?);
@@ -31,7 +32,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     out.par_chunks_mut(per_task).zip(xs.par_chunks(per_task)).for_each(|(o, x)| {
         layer_norm_rows(x, w, b, eps as f32, o);
     });
-    Tensor::from_vec(out, x.shape(), x.device())
+    let r = Tensor::from_vec(out, x.shape(), x.device());
+    if super::prof::enabled() { super::prof::add(format!("ln rows{rows} c{c}"), super::prof::cpu() - pc, 0.0); }
+    r
 }
 
 /// [`layer_norm`] from primitive candle ops (differentiable; any device and dtype).

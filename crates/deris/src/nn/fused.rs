@@ -18,6 +18,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        if std::env::var("DERIS_WT").is_ok() && !weight.track_op() {
+            if let Ok(wt) = weight.t().and_then(|w| w.contiguous()).and_then(|w| w.t()) {
+                return Self { weight: wt, bias };
+            }
+        }
         Self { weight, bias }
     }
 
@@ -39,6 +44,10 @@ impl Linear {
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 }
 

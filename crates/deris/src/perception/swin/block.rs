@@ -4,12 +4,12 @@
 //! Keys, under `layers.{s}.blocks.{j}`: `norm1`, `attn.relative_position_bias_table`,
 //! `attn.relative_position_index`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`.
 
-use candle_core::{DType, IndexOp, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use super::windows::{relative_position_index, StageWindows, WindowPartition};
 use crate::nn::fused::{layer_norm, linear, LayerNorm, Linear};
-use crate::nn::mha::{attention_with_biases, merge_heads};
+use deris_kernels::fused::window_attention;
 
 /// `WindowAttention`: multi-head self-attention inside each window, with a learned relative
 /// position bias and, in shifted blocks, the −100 region mask. Padding tokens are not masked.
@@ -55,30 +55,21 @@ impl WindowAttention {
         })
     }
 
-    /// `shortcut + proj(attention(windows))`, back in image order.
+    /// `shortcut + proj(window attention(x))`.
     ///
     /// # Shapes
-    /// - `windows`: `[B, nW·ws², C]`, the window tokens as gathered by `part`
-    /// - `shortcut`: `[B, H·W, C]` in image order; returns `[B, H·W, C]`
-    pub fn forward_add(&self, windows: &Tensor, part: &WindowPartition, shortcut: &Tensor) -> Result<Tensor> {
-        let (b, len, c) = windows.dims3()?;
-        let nw = part.num_windows;
-        let n = len / nw;
-        let (heads, hd) = (self.num_heads, self.head_dim);
-        // [B·nW, N, 3, heads, hd]: channels [q | k | v], each head-major; the heads are read in place.
-        let qkv = self.qkv.forward(windows)?.reshape((b * nw, n, 3, heads, hd))?;
-        let part_of = |i: usize| qkv.i((.., .., i))?.transpose(1, 2); // [B·nW, heads, N, hd]
-        let (q, k, v) = (part_of(0)?, part_of(1)?, part_of(2)?);
-        let scale = (hd as f64).powf(-0.5);
-        let o = match &part.region_mask {
-            None => attention_with_biases(&q, &k, &v, scale, &[&self.relative_position_bias])?,
-            // The mask is per window ([nW, 1, N, N]): batch b·nW + w takes mask w.
-            Some(mask) => attention_with_biases(&q, &k, &v, scale, &[&self.relative_position_bias, mask])?,
-        };
-        let o = merge_heads(&o)?.reshape((b, nw * n, c))?; // [B, nW·N, C]
-        // Undo the partition before `proj`: padding tokens are dropped and never projected.
-        let o = o.index_select(&part.scatter, 1)?; // [B, H·W, C]
-        self.proj.forward_add(&o, shortcut)
+    /// - `x`: `[B, H·W, C]`, the normed tokens in image order, partitioned by `part`
+    /// - `shortcut`: `[B, H·W, C]`; returns `[B, H·W, C]`
+    pub fn forward_add(&self, x: &Tensor, part: &WindowPartition, shortcut: &Tensor) -> Result<Tensor> {
+        // Only the real tokens are projected: a padding token is zero after the norm, so its
+        // q, k, v are the qkv bias, which the kernel uses for it.
+        let qkv = self.qkv.forward(x)?; // [B, H·W, 3C], channels [q | k | v], each head-major
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let rel = &self.relative_position_bias; // [1, heads, N, N]
+        // The region mask is per window ([nW, 1, N, N]): window w of every image takes mask w.
+        let biases: Vec<&Tensor> = std::iter::once(rel).chain(&part.region_mask).collect();
+        let o = window_attention(&qkv, self.qkv.bias(), &part.gather, part.num_windows, self.num_heads, scale, &biases)?;
+        self.proj.forward_add(&o, shortcut) // [B, H·W, C]
     }
 }
 
@@ -130,8 +121,7 @@ impl SwinTransformerBlock {
     pub fn forward(&self, x: &Tensor, windows: &StageWindows) -> Result<Tensor> {
         let part = if self.shifted { &windows.shifted } else { &windows.regular };
         // Padding comes after the norm: padded tokens are exact zeros, and attended to unmasked.
-        let t = self.norm1.forward(x)?.index_select(&part.gather, 1)?; // [B, nW·ws², C]
-        let x = self.attn.forward_add(&t, part, x)?;
+        let x = self.attn.forward_add(&self.norm1.forward(x)?, part, x)?;
         self.mlp.forward_add(&self.norm2.forward(&x)?, &x)
     }
 }
