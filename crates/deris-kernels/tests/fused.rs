@@ -48,8 +48,9 @@ fn gelu_matches_candle() -> Result<()> {
 
 #[test]
 fn linear_matches_reference() -> Result<()> {
-    // (M, K, N): tiny (one task), tiled in both directions, and one row.
-    for (m, k, n) in [(5, 7, 3), (300, 96, 200), (197, 64, 700), (1, 33, 70)] {
+    // (M, K, N): tiny (one task), tiled in both directions, one row, and few-row (skinny) products
+    // with odd widths and depths.
+    for (m, k, n) in [(5, 7, 3), (300, 96, 200), (197, 64, 700), (1, 33, 70), (20, 100, 301), (32, 768, 96), (13, 768, 3072)] {
         let x = rand(&[m, k], 5, 1.0)?.reshape((1, m, k))?;
         let w = rand(&[n, k], 6, 0.3)?;
         let b = rand(&[n], 7, 0.5)?;

@@ -11,7 +11,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
-use super::{cpu_f32, fast_path, CpuF32, SendPtr};
+use super::{cpu_f32, fast_path, CpuF32, Output};
 
 /// `softmax(q·kᵀ·scale + Σ biases)·v` over the key axis.
 ///
@@ -51,8 +51,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
     let (qst, kst, vst) = (q.stride(), k.stride(), v.stride());
     let Geometry { b, h, lq, lk, hd } = g;
 
-    let mut out = vec![0f32; b * lq * h * hd];
-    let dst = SendPtr(out.as_mut_ptr());
+    let mut out = Output::new(b * lq * h * hd);
+    let dst = out.ptr();
     let qc = query_block(b * h, lq, lk);
     let nqb = lq.div_ceil(qc);
     let scale = scale as f32;
@@ -96,6 +96,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
     };
     (0..b * h * nqb).into_par_iter().for_each(task);
     drop((qs, ks, vs, bs));
+    // SAFETY: the tasks cover every (batch, head, query block) of the output.
+    let out = unsafe { out.assume_init() };
     let r = Tensor::from_vec(out, (b, lq, h, hd), q.device())?.transpose(1, 2);
     if super::prof::enabled() { super::prof::add(format!("attn b{b} h{h} lq{lq} lk{lk} hd{hd} nb{}", biases.len()), super::prof::cpu() - pc, 4.0 * (b * h * lq * lk * hd) as f64); }
     r

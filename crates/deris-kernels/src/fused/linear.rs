@@ -8,7 +8,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
-use super::{cpu_f32, fast_path, rows_per_task, SendPtr};
+use super::{cpu_f32, fast_path, rows_per_task, skinny, Output};
 
 /// Elementwise activation applied after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +73,26 @@ pub fn linear(
     let (w_rs, w_cs) = (weight.stride()[0], weight.stride()[1]);
     let wd = &ws.data()[ws.layout.start_offset()..];
 
-    let mut out = vec![0f32; m * n];
-    let (mc, nc) = tile_sizes(m, n, k);
+    let mut out = Output::new(m * n);
+    // Few rows: dot products on the weight in place (no packing); otherwise gemm tiles.
+    let skinny = m <= skinny::MAX_ROWS && w_cs == 1 && skinny::available();
+    let (mc, nc) = if skinny { (m, skinny_cols(n, k)) } else { tile_sizes(m, n, k) };
     let (tm, tn) = (m.div_ceil(mc), n.div_ceil(nc));
-    let dst = SendPtr(out.as_mut_ptr());
+    let dst = out.ptr();
     let task = |t: usize| {
         let (m0, n0) = ((t / tn) * mc, (t % tn) * nc);
         let (mm, nn) = (mc.min(m - m0), nc.min(n - n0));
         let dst = dst;
-        // SAFETY: tile (m0.., n0..) of the m×n output is written by this task only; the
-        // operands are read inside their bounds (x is m×k contiguous, weight n×k with its strides).
+        // SAFETY: tile (m0.., n0..) of the m×n output is written by this task only (the product
+        // writes all of it before the epilogue reads it); the operands are read inside their
+        // bounds (x is m×k contiguous, weight n×k with its strides).
         unsafe {
             let tile = dst.0.add(m0 * n + n0);
+            #[cfg(target_arch = "x86_64")]
+            if skinny {
+                skinny::skinny_gemm(mm, nn, k, xd.as_ptr().add(m0 * k), k, wd.as_ptr().add(n0 * w_rs), w_rs, tile, n);
+            }
+            if !skinny {
             gemm::gemm(
                 mm,
                 nn,
@@ -106,6 +114,7 @@ pub fn linear(
                 false,
                 gemm::Parallelism::None,
             );
+            }
             for r in 0..mm {
                 let row = std::slice::from_raw_parts_mut(tile.add(r * n), nn);
                 let res = rd.map(|rd| &rd[(m0 + r) * n + n0..][..nn]);
@@ -119,6 +128,8 @@ pub fn linear(
         (0..tm * tn).into_par_iter().for_each(task);
     }
     drop((xs, ws, bs, rs));
+    // SAFETY: the tiles cover the output.
+    let out = unsafe { out.assume_init() };
     let r = Tensor::from_vec(out, out_dims, x.device());
     if super::prof::enabled() { super::prof::add(format!("linear m{m} n{n} k{k} {act:?} r{}", residual.is_some()), super::prof::cpu() - pc, 2.0 * (m * n * k) as f64); }
     r
@@ -149,6 +160,15 @@ pub fn linear_reference(
         Some(r) => y + r,
         None => Ok(y),
     }
+}
+
+/// Output columns per task of a skinny product: about four tasks per thread, at least 32 columns.
+fn skinny_cols(n: usize, k: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    if n * k < 1 << 16 {
+        return n;
+    }
+    n.div_ceil(4 * threads).max(32).div_ceil(2) * 2
 }
 
 /// Output tiles `(rows, cols)` for an `m×n×k` product: large enough for `gemm` to run near its

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod linear;
 pub mod norm;
 pub mod simd;
+mod skinny;
 pub mod window;
 
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
@@ -69,6 +70,32 @@ fn rows_per_task(rows: usize, width: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let min_rows = (16_384 / width.max(1)).max(1);
     rows.div_ceil(8 * threads).max(min_rows).min(rows.max(1))
+}
+
+/// An output buffer that a kernel fills completely before anything reads it: allocated without
+/// the zeroing pass (and the page faults it would take) that `vec![0.0; n]` costs.
+struct Output(Vec<std::mem::MaybeUninit<f32>>);
+
+impl Output {
+    fn new(n: usize) -> Self {
+        let mut v = Vec::with_capacity(n);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { v.set_len(n) };
+        Self(v)
+    }
+
+    fn ptr(&mut self) -> SendPtr {
+        SendPtr(self.0.as_mut_ptr().cast())
+    }
+
+    /// # Safety
+    /// Every element must have been written.
+    unsafe fn assume_init(self) -> Vec<f32> {
+        let mut v = std::mem::ManuallyDrop::new(self.0);
+        // SAFETY: same allocation, length and capacity; `MaybeUninit<f32>` has f32's layout and
+        // the caller guarantees every element is initialised.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+    }
 }
 
 /// A raw output pointer that parallel tasks write through, each to its own disjoint part.
