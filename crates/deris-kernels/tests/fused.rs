@@ -50,7 +50,9 @@ fn gelu_matches_candle() -> Result<()> {
 fn linear_matches_reference() -> Result<()> {
     // (M, K, N): tiny (one task), tiled in both directions, one row, and few-row (skinny) products
     // with odd widths and depths.
-    for (m, k, n) in [(5, 7, 3), (300, 96, 200), (197, 64, 700), (1, 33, 70), (20, 100, 301), (32, 768, 96), (13, 768, 3072)] {
+    for (m, k, n) in
+        [(5, 7, 3), (300, 96, 200), (197, 64, 700), (1, 33, 70), (20, 100, 301), (32, 768, 96), (13, 768, 3072)]
+    {
         let x = rand(&[m, k], 5, 1.0)?.reshape((1, m, k))?;
         let w = rand(&[n, k], 6, 0.3)?;
         let b = rand(&[n], 7, 0.5)?;
@@ -65,7 +67,12 @@ fn linear_matches_reference() -> Result<()> {
             let got = fused::linear(&x, &w, bias, act, res)?;
             let want = fused::linear_reference(&x, &w, bias, act, res)?;
             let d = max_abs_diff(&got, &want)?;
-            assert!(d < 2e-5, "linear {m}x{k}x{n} bias {} {act:?} res {}: max |Δ| {d:e}", bias.is_some(), res.is_some());
+            assert!(
+                d < 2e-5,
+                "linear {m}x{k}x{n} bias {} {act:?} res {}: max |Δ| {d:e}",
+                bias.is_some(),
+                res.is_some()
+            );
         }
     }
     // A weight read through strides: rows of a bigger matrix, and a transposed one.
@@ -91,7 +98,7 @@ fn attention_matches_reference() -> Result<()> {
     let part = |i: usize| qkv.i((.., .., i)).and_then(|t| t.transpose(1, 2)); // [B, H, L, hd]
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let rel = rand(&[h, l, l], 13, 2.0)?.unsqueeze(0)?; // [1, H, L, L]
-    // Per-window mask, G = 3 windows per image, 2 images.
+                                                        // Per-window mask, G = 3 windows per image, 2 images.
     let mask = rand(&[3, 1, l, l], 14, 1.0)?.ge(0.5)?.to_dtype(DType::F32)?.affine(-100.0, 0.0)?;
     // Key padding with −inf, [B, 1, 1, L].
     let pad: Vec<f32> = (0..b * l).map(|i| if i % l >= 40 + i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
@@ -110,7 +117,10 @@ fn attention_matches_reference() -> Result<()> {
     let k = rand(&[2, 4, 77, 16], 16, 1.0)?;
     let v = rand(&[2, 4, 77, 16], 17, 1.0)?;
     let bias = rand(&[2, 1, 300, 77], 18, 1.0)?;
-    let d = max_abs_diff(&fused::attention(&q, &k, &v, 0.25, &[&bias])?, &fused::attention_reference(&q, &k, &v, 0.25, &[&bias])?)?;
+    let d = max_abs_diff(
+        &fused::attention(&q, &k, &v, 0.25, &[&bias])?,
+        &fused::attention_reference(&q, &k, &v, 0.25, &[&bias])?,
+    )?;
     assert!(d < 1e-5, "cross attention: max |Δ| {d:e}");
     Ok(())
 }

@@ -71,11 +71,10 @@ fn main() -> anyhow::Result<()> {
                 times.push(dt);
                 cpu.push(cpu_seconds() - c);
             }
-            sum = o.img_feat.sum_all()?.to_scalar::<f32>()? as f64 + o.text_feat.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sum = o.img_feat.sum_all()?.to_scalar::<f32>()? as f64
+                + o.text_feat.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         let (min, med) = stats(times);
-        deris_kernels::fused::prof::dump();
-        deris_kernels::fused::prof::reset();
         let (cmin, cmed) = stats(cpu);
         println!("beit3 min {min:.4} s  median {med:.4} s  cpu min {cmin:.4} median {cmed:.4} s  checksum {sum:.6e}");
     }
@@ -92,11 +91,14 @@ fn main() -> anyhow::Result<()> {
                 times.push(dt);
                 cpu.push(cpu_seconds() - c);
             }
-            sum = o.iter().map(|t| t.abs().and_then(|a| a.sum_all()).and_then(|s| s.to_scalar::<f32>()).unwrap_or(f32::NAN) as f64).sum();
+            sum = o
+                .iter()
+                .map(|t| {
+                    t.abs().and_then(|a| a.sum_all()).and_then(|s| s.to_scalar::<f32>()).unwrap_or(f32::NAN) as f64
+                })
+                .sum();
         }
         let (min, med) = stats(times);
-        deris_kernels::fused::prof::dump();
-        deris_kernels::fused::prof::reset();
         let (cmin, cmed) = stats(cpu);
         println!("swin  min {min:.4} s  median {med:.4} s  cpu min {cmin:.4} median {cmed:.4} s  checksum {sum:.6e}");
     }

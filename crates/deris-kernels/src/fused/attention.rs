@@ -39,10 +39,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
         .iter()
         .map(|b| {
             let b4 = to_rank4(b)?;
-            if b4.dim(3)? > 1 && b4.stride()[3] != 1 { b4.contiguous() } else { Ok(b4) }
+            if b4.dim(3)? > 1 && b4.stride()[3] != 1 {
+                b4.contiguous()
+            } else {
+                Ok(b4)
+            }
         })
         .collect::<Result<Vec<_>>>()?;
-    let pc = super::prof::cpu();
     let (qs, ks, vs) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?);
     let bs = biases.iter().map(cpu_f32).collect::<Result<Vec<_>>>()?;
     let bias_views: Vec<BiasView> = bs.iter().map(BiasView::new).collect();
@@ -61,7 +64,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
         let (bi, hi) = (bh / h, bh % h);
         let i0 = qb * qc;
         let qn = qc.min(lq - i0);
-        let dst = dst;
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < qn * lk {
@@ -77,19 +79,49 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
                 let vp = vd.as_ptr().add(vo + bi * vst[0] + hi * vst[1]);
                 // scores = scale·q·kᵀ   [qn, Lk]
                 gemm::gemm(
-                    qn, lk, hd, scores.as_mut_ptr(), 1, lk as isize, false,
-                    qp, qst[3] as isize, qst[2] as isize,
-                    kp, kst[2] as isize, kst[3] as isize,
-                    0.0, scale, false, false, false, gemm::Parallelism::None,
+                    qn,
+                    lk,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    lk as isize,
+                    false,
+                    qp,
+                    qst[3] as isize,
+                    qst[2] as isize,
+                    kp,
+                    kst[2] as isize,
+                    kst[3] as isize,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
                 softmax_rows(scores, lk, &bias_views, bi, hi, i0);
                 // out[bi, i0.., hi, :] = p·v   (rows H·hd apart)
-                let op = dst.0.add(((bi * lq + i0) * h + hi) * hd);
+                let op = dst.get().add(((bi * lq + i0) * h + hi) * hd);
                 gemm::gemm(
-                    qn, hd, lk, op, 1, (h * hd) as isize, false,
-                    scores.as_ptr(), 1, lk as isize,
-                    vp, vst[3] as isize, vst[2] as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    qn,
+                    hd,
+                    lk,
+                    op,
+                    1,
+                    (h * hd) as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    lk as isize,
+                    vp,
+                    vst[3] as isize,
+                    vst[2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
         });
@@ -98,9 +130,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
     drop((qs, ks, vs, bs));
     // SAFETY: the tasks cover every (batch, head, query block) of the output.
     let out = unsafe { out.assume_init() };
-    let r = Tensor::from_vec(out, (b, lq, h, hd), q.device())?.transpose(1, 2);
-    if super::prof::enabled() { super::prof::add(format!("attn b{b} h{h} lq{lq} lk{lk} hd{hd} nb{}", biases.len()), super::prof::cpu() - pc, 4.0 * (b * h * lq * lk * hd) as f64); }
-    r
+    Tensor::from_vec(out, (b, lq, h, hd), q.device())?.transpose(1, 2)
 }
 
 /// [`attention`] from primitive candle ops (differentiable; any device and dtype).
@@ -141,16 +171,27 @@ impl Geometry {
         let (b, h, lq, hd) = q.dims4()?;
         let lk = k.dim(2)?;
         if k.dims() != [b, h, lk, hd] || v.dims() != [b, h, lk, hd] {
-            bail!("attention: q {:?}, k {:?}, v {:?} must be [B, H, Lq, hd], [B, H, Lk, hd] twice", q.dims(), k.dims(), v.dims());
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} must be [B, H, Lq, hd], [B, H, Lk, hd] twice",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
         }
         for bias in biases {
             let d = bias.dims();
             let ok = d.len() <= 4 && {
                 let d4: Vec<usize> = std::iter::repeat_n(1, 4 - d.len()).chain(d.iter().copied()).collect();
-                d4[0] > 0 && b % d4[0] == 0 && (d4[1] == 1 || d4[1] == h) && (d4[2] == 1 || d4[2] == lq) && (d4[3] == 1 || d4[3] == lk)
+                d4[0] > 0
+                    && b % d4[0] == 0
+                    && (d4[1] == 1 || d4[1] == h)
+                    && (d4[2] == 1 || d4[2] == lq)
+                    && (d4[3] == 1 || d4[3] == lk)
             };
             if !ok {
-                bail!("attention: bias {d:?} must be [G, {h} or 1, {lq} or 1, {lk} or 1] with G dividing the batch {b}");
+                bail!(
+                    "attention: bias {d:?} must be [G, {h} or 1, {lq} or 1, {lk} or 1] with G dividing the batch {b}"
+                );
             }
         }
         Ok(Self { b, h, lq, lk, hd })

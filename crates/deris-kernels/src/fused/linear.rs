@@ -59,7 +59,6 @@ pub fn linear(
         return linear_reference(x, weight, bias, act, residual);
     }
     let m = x.elem_count() / k;
-    let pc = super::prof::cpu();
     let x = x.contiguous()?;
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
@@ -82,38 +81,37 @@ pub fn linear(
     let task = |t: usize| {
         let (m0, n0) = ((t / tn) * mc, (t % tn) * nc);
         let (mm, nn) = (mc.min(m - m0), nc.min(n - n0));
-        let dst = dst;
         // SAFETY: tile (m0.., n0..) of the m×n output is written by this task only (the product
         // writes all of it before the epilogue reads it); the operands are read inside their
         // bounds (x is m×k contiguous, weight n×k with its strides).
         unsafe {
-            let tile = dst.0.add(m0 * n + n0);
+            let tile = dst.get().add(m0 * n + n0);
             #[cfg(target_arch = "x86_64")]
             if skinny {
                 skinny::skinny_gemm(mm, nn, k, xd.as_ptr().add(m0 * k), k, wd.as_ptr().add(n0 * w_rs), w_rs, tile, n);
             }
             if !skinny {
-            gemm::gemm(
-                mm,
-                nn,
-                k,
-                tile,
-                1,
-                n as isize,
-                false,
-                xd.as_ptr().add(m0 * k),
-                1,
-                k as isize,
-                wd.as_ptr().add(n0 * w_rs),
-                w_rs as isize,
-                w_cs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+                gemm::gemm(
+                    mm,
+                    nn,
+                    k,
+                    tile,
+                    1,
+                    n as isize,
+                    false,
+                    xd.as_ptr().add(m0 * k),
+                    1,
+                    k as isize,
+                    wd.as_ptr().add(n0 * w_rs),
+                    w_rs as isize,
+                    w_cs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
             for r in 0..mm {
                 let row = std::slice::from_raw_parts_mut(tile.add(r * n), nn);
@@ -130,9 +128,7 @@ pub fn linear(
     drop((xs, ws, bs, rs));
     // SAFETY: the tiles cover the output.
     let out = unsafe { out.assume_init() };
-    let r = Tensor::from_vec(out, out_dims, x.device());
-    if super::prof::enabled() { super::prof::add(format!("linear m{m} n{n} k{k} {act:?} r{}", residual.is_some()), super::prof::cpu() - pc, 2.0 * (m * n * k) as f64); }
-    r
+    Tensor::from_vec(out, out_dims, x.device())
 }
 
 /// [`linear`] from primitive candle ops (differentiable; any device and dtype).
@@ -174,20 +170,18 @@ fn skinny_cols(n: usize, k: usize) -> usize {
 /// Output tiles `(rows, cols)` for an `m×n×k` product: large enough for `gemm` to run near its
 /// peak, small enough for about four tiles per thread.
 fn tile_sizes(m: usize, n: usize, k: usize) -> (usize, usize) {
-    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let min_: usize = env("DERIS_MIN", 64);
-    let tpt: usize = env("DERIS_TPT", 4);
-    let msplit: usize = env("DERIS_MSPLIT", 0);
+    const MIN: usize = 64;
     let threads = rayon::current_num_threads().max(1);
     if m * n * k < 1 << 18 {
         return (m, n);
     }
     let (mut mc, mut nc) = (m.min(256), n.min(512));
-    while m.div_ceil(mc) * n.div_ceil(nc) < tpt * threads && (mc > min_ || nc > min_) {
-        if ((nc >= mc || msplit == 0) && nc > min_) || mc <= min_ {
-            nc = nc.div_ceil(2).max(min_);
+    // Narrower column tiles first: splitting the rows would repack the weight in every tile.
+    while m.div_ceil(mc) * n.div_ceil(nc) < 4 * threads && (mc > MIN || nc > MIN) {
+        if nc > MIN {
+            nc = nc.div_ceil(2).max(MIN);
         } else {
-            mc = mc.div_ceil(2).max(min_);
+            mc = mc.div_ceil(2).max(MIN);
         }
     }
     let round = |v: usize, full: usize| if v >= full { full } else { v.div_ceil(16) * 16 };
@@ -195,22 +189,31 @@ fn tile_sizes(m: usize, n: usize, k: usize) -> (usize, usize) {
 }
 
 multiversion! {
-    /// `row = act(row + bias) + res`, in place.
+    /// `row = act(row + bias) + res`, in place, in one pass.
     fn epilogue(row: &mut [f32], bias: Option<&[f32]>, gelu: bool, res: Option<&[f32]>) {
-        if let Some(b) = bias {
-            for (y, b) in row.iter_mut().zip(b) {
-                *y += b;
+        let act = |y: f32| if gelu { simd::gelu_erf(y) } else { y };
+        match (bias, res) {
+            (Some(b), Some(r)) => {
+                for ((y, b), r) in row.iter_mut().zip(b).zip(r) {
+                    *y = act(*y + b) + r;
+                }
             }
-        }
-        if gelu {
-            for y in row.iter_mut() {
-                *y = simd::gelu_erf(*y);
+            (Some(b), None) => {
+                for (y, b) in row.iter_mut().zip(b) {
+                    *y = act(*y + b);
+                }
             }
-        }
-        if let Some(r) = res {
-            for (y, r) in row.iter_mut().zip(r) {
-                *y += r;
+            (None, Some(r)) => {
+                for (y, r) in row.iter_mut().zip(r) {
+                    *y = act(*y) + r;
+                }
             }
+            (None, None) if gelu => {
+                for y in row.iter_mut() {
+                    *y = simd::gelu_erf(*y);
+                }
+            }
+            (None, None) => {}
         }
     }
 }

@@ -101,33 +101,13 @@ impl Output {
 /// A raw output pointer that parallel tasks write through, each to its own disjoint part.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper rather than the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: tasks write disjoint elements and the buffer outlives the parallel loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-
-/// TEMPORARY profiling.
-pub mod prof {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-    static ACC: Mutex<BTreeMap<String, (usize, f64, f64)>> = Mutex::new(BTreeMap::new());
-    pub fn cpu() -> f64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-    }
-    pub fn enabled() -> bool { std::env::var("KPROF").is_ok() }
-    pub fn add(key: String, cpu: f64, flops: f64) {
-        let mut m = ACC.lock().unwrap();
-        let e = m.entry(key).or_insert((0, 0.0, 0.0));
-        e.0 += 1; e.1 += cpu; e.2 += flops;
-    }
-    pub fn dump() {
-        let m = ACC.lock().unwrap();
-        let total: f64 = m.values().map(|v| v.1).sum();
-        let mut v: Vec<_> = m.iter().collect();
-        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        for (k, (n, c, f)) in v { eprintln!("{k:40} calls {n:5} cpu {c:8.4} s ({:5.1}%) {:6.1} GF/s", 100.0 * c / total, f / c / 1e9); }
-        eprintln!("total kernel cpu {total:.4}");
-    }
-    pub fn reset() { ACC.lock().unwrap().clear(); }
-}

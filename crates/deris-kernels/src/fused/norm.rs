@@ -19,13 +19,17 @@ use super::{cpu_f32, fast_path, rows_per_task, Output};
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.dim(D::Minus1)?;
     if weight.dims() != [c] || bias.dims() != [c] {
-        bail!("layer_norm: weight {:?} and bias {:?} must be [{c}] for input {:?}", weight.dims(), bias.dims(), x.dims());
+        bail!(
+            "layer_norm: weight {:?} and bias {:?} must be [{c}] for input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        );
     }
     if !fast_path(&[x, weight, bias]) || !x.is_contiguous() || c == 0 {
         return layer_norm_reference(x, weight, bias, eps);
     }
     let rows = x.elem_count() / c;
-    let pc = super::prof::cpu();
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
     let (xs, w, b) = (cpu_f32(x)?, cpu_f32(&weight)?, cpu_f32(&bias)?);
     let (xs, w, b) = (xs.contiguous()?, w.contiguous()?, b.contiguous()?);
@@ -36,9 +40,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     });
     // SAFETY: the chunks cover the output and every row is written.
     let out = unsafe { out.assume_init() };
-    let r = Tensor::from_vec(out, x.shape(), x.device());
-    if super::prof::enabled() { super::prof::add(format!("ln rows{rows} c{c}"), super::prof::cpu() - pc, 0.0); }
-    r
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 /// [`layer_norm`] from primitive candle ops (differentiable; any device and dtype).

@@ -54,9 +54,16 @@ fn level() -> u8 {
     if l != 0 {
         return l;
     }
-    let v3 = has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") && has!("lzcnt") && has!("popcnt") && has!("f16c");
+    let v3 =
+        has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") && has!("lzcnt") && has!("popcnt") && has!("f16c");
     let v4 = v3 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq");
-    let l = if v4 { 3 } else if v3 { 2 } else { 1 };
+    let l = if v4 {
+        3
+    } else if v3 {
+        2
+    } else {
+        1
+    };
     LEVEL.store(l, Ordering::Relaxed);
     l
 }
@@ -79,6 +86,7 @@ pub fn has_avx2_fma() -> bool {
 /// `x = n·ln2 + r` with `|r| ≤ ln2/2`; `eʳ = 1 + r + r²·P(r)` with a degree-4 minimax `P`
 /// (relative error 3·10⁻⁹), and `2ⁿ` is built in the exponent bits.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // fitted coefficients, kept as printed by the fit
 pub fn exp(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
@@ -106,6 +114,7 @@ pub fn exp(x: f32) -> f32 {
 /// `erfc(a) = t·P(t)·e^(−a²)`, `t = 1/(1 + a/2)`, `P` a degree-10 least-squares fit over all
 /// `a ≥ 0` (error 5·10⁻⁹). The negative tail keeps its relative accuracy (no `1 + erf` cancellation).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // fitted coefficients, kept as printed by the fit
 pub fn gelu_erf(x: f32) -> f32 {
     const P: [f32; 11] = [
         0.282_094_795_7,

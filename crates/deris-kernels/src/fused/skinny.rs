@@ -73,7 +73,7 @@ pub unsafe fn skinny_gemm(
 
 /// `R` input rows against `nb ≤ WEIGHT_ROWS` weight rows.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn block<const R: usize>(
     nb: usize,

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{softmax_rows, BiasView};
@@ -48,7 +48,6 @@ pub fn window_attention(
         return window_attention_reference(qkv, qkv_bias, windows, num_windows, num_heads, scale, biases);
     }
     let WindowGeometry { b, l, nw, n, h, hd } = g;
-    let pc = super::prof::cpu();
     let c = h * hd;
     let qkv = qkv.contiguous()?;
     let qkv_bias = qkv_bias.map(|t| t.contiguous()).transpose()?;
@@ -81,7 +80,6 @@ pub fn window_attention(
     let task = |t: usize| {
         let (bi, w) = (t / nw, t % nw);
         let map = &windows[w * n..(w + 1) * n];
-        let dst = dst;
         WINDOW.with(|s| {
             let mut s = s.borrow_mut();
             let need = n * 3 * c + n * n + n * c;
@@ -103,17 +101,47 @@ pub fn window_attention(
                     let kp = rows.as_ptr().add(c + hi * hd);
                     let vp = rows.as_ptr().add(2 * c + hi * hd);
                     gemm::gemm(
-                        n, n, hd, scores.as_mut_ptr(), 1, n as isize, false,
-                        qp, 1, (3 * c) as isize,
-                        kp, (3 * c) as isize, 1,
-                        0.0, scale, false, false, false, gemm::Parallelism::None,
+                        n,
+                        n,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        qp,
+                        1,
+                        (3 * c) as isize,
+                        kp,
+                        (3 * c) as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                     softmax_rows(&mut scores[..n * n], n, &bias_views, bi * nw + w, hi, 0);
                     gemm::gemm(
-                        n, hd, n, o.as_mut_ptr().add(hi * hd), 1, c as isize, false,
-                        scores.as_ptr(), 1, n as isize,
-                        vp, 1, (3 * c) as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        n,
+                        hd,
+                        n,
+                        o.as_mut_ptr().add(hi * hd),
+                        1,
+                        c as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        n as isize,
+                        vp,
+                        1,
+                        (3 * c) as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                 }
             }
@@ -123,7 +151,7 @@ pub fn window_attention(
                     // SAFETY: every image token appears in one window only, so no other task
                     // writes this row.
                     unsafe {
-                        let d = dst.0.add((bi * l + src as usize) * c);
+                        let d = dst.get().add((bi * l + src as usize) * c);
                         std::ptr::copy_nonoverlapping(o.as_ptr().add(i * c), d, c);
                     }
                 }
@@ -134,9 +162,7 @@ pub fn window_attention(
     drop((qs, bs_qkv, bs));
     // SAFETY: every image token is in one window (checked by the geometry), so every row is written.
     let out = unsafe { out.assume_init() };
-    let r = Tensor::from_vec(out, (b, l, c), qkv.device());
-    if super::prof::enabled() { super::prof::add(format!("wattn b{b} nw{nw} n{n} h{h} hd{hd} nb{}", biases.len()), super::prof::cpu() - pc, 4.0 * (b * nw * h * n * n * hd) as f64); }
-    r
+    Tensor::from_vec(out, (b, l, c), qkv.device())
 }
 
 /// [`window_attention`] from primitive candle ops (differentiable; any device and dtype): the
@@ -191,7 +217,11 @@ impl WindowGeometry {
     fn new(qkv: &Tensor, qkv_bias: Option<&Tensor>, windows: &[u32], nw: usize, h: usize) -> Result<Self> {
         let (b, l, c3) = qkv.dims3()?;
         if h == 0 || nw == 0 || c3 % (3 * h) != 0 || windows.len() % nw != 0 || windows.is_empty() {
-            bail!("window_attention: qkv {:?} with {h} heads and {} window tokens in {nw} windows", qkv.dims(), windows.len());
+            bail!(
+                "window_attention: qkv {:?} with {h} heads and {} window tokens in {nw} windows",
+                qkv.dims(),
+                windows.len()
+            );
         }
         if let Some(t) = qkv_bias {
             if t.dims() != [c3] {
@@ -210,7 +240,6 @@ impl WindowGeometry {
         if seen.iter().any(|s| !s) {
             bail!("window_attention: the windows leave image tokens out");
         }
-        let _ = qkv.dim(D::Minus1)?;
         Ok(Self { b, l, nw, n: windows.len() / nw, h, hd: c3 / (3 * h) })
     }
 }

@@ -18,11 +18,6 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        if std::env::var("DERIS_WT").is_ok() && !weight.track_op() {
-            if let Ok(wt) = weight.t().and_then(|w| w.contiguous()).and_then(|w| w.t()) {
-                return Self { weight: wt, bias };
-            }
-        }
         Self { weight, bias }
     }
 
@@ -40,10 +35,6 @@ impl Linear {
     /// - `x`: `[.., in]`; `residual`: `[.., out]`; returns `[.., out]`
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         kernels::linear(x, &self.weight, self.bias.as_ref(), Activation::Identity, Some(residual))
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {

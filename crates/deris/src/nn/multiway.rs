@@ -26,7 +26,6 @@ impl Split {
     pub fn cat(&self) -> Result<Tensor> {
         Tensor::cat(&[&self.a, &self.b], 1)
     }
-
 }
 
 /// `MultiwayNetwork(module)`: expert `a` (vision, key `A`) and expert `b` (language, key `B`).

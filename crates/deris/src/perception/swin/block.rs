@@ -66,9 +66,10 @@ impl WindowAttention {
         let qkv = self.qkv.forward(x)?; // [B, H·W, 3C], channels [q | k | v], each head-major
         let scale = (self.head_dim as f64).powf(-0.5);
         let rel = &self.relative_position_bias; // [1, heads, N, N]
-        // The region mask is per window ([nW, 1, N, N]): window w of every image takes mask w.
+                                                // The region mask is per window ([nW, 1, N, N]): window w of every image takes mask w.
         let biases: Vec<&Tensor> = std::iter::once(rel).chain(&part.region_mask).collect();
-        let o = window_attention(&qkv, self.qkv.bias(), &part.gather, part.num_windows, self.num_heads, scale, &biases)?;
+        let o =
+            window_attention(&qkv, self.qkv.bias(), &part.gather, part.num_windows, self.num_heads, scale, &biases)?;
         self.proj.forward_add(&o, shortcut) // [B, H·W, C]
     }
 }
@@ -105,7 +106,15 @@ pub struct SwinTransformerBlock {
 }
 
 impl SwinTransformerBlock {
-    pub fn new(dim: usize, num_heads: usize, ws: usize, mlp_hidden: usize, shifted: bool, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        num_heads: usize,
+        ws: usize,
+        mlp_hidden: usize,
+        shifted: bool,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, eps, vb.pp("norm1"))?,
             attn: WindowAttention::new(dim, num_heads, ws, vb.pp("attn"))?,

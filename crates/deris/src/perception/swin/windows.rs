@@ -99,11 +99,7 @@ impl WindowPartition {
             None
         };
 
-        Ok(Self {
-            num_windows,
-            gather,
-            region_mask,
-        })
+        Ok(Self { num_windows, gather, region_mask })
     }
 }
 
@@ -137,13 +133,7 @@ mod tests {
         let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         let x = x.pad_with_zeros(1, 0, hp - h).unwrap().pad_with_zeros(2, 0, wp - w).unwrap();
         let x = x.roll(-(shift as i32), 1).unwrap().roll(-(shift as i32), 2).unwrap();
-        let x = x
-            .reshape((hp / ws, ws, wp / ws, ws))
-            .unwrap()
-            .permute((0, 2, 1, 3))
-            .unwrap()
-            .flatten_all()
-            .unwrap();
+        let x = x.reshape((hp / ws, ws, wp / ws, ws)).unwrap().permute((0, 2, 1, 3)).unwrap().flatten_all().unwrap();
         x.to_dtype(DType::U32).unwrap().to_vec1().unwrap()
     }
 
@@ -155,6 +145,10 @@ mod tests {
                 let want = naive_windows(h, w, ws, shift);
                 let got: Vec<u32> = p.gather.iter().map(|&g| if g == PAD_TOKEN { 0 } else { g + 1 }).collect();
                 assert_eq!(got, want, "{h}x{w} ws {ws} shift {shift}");
+                // every token sits in exactly one window
+                let mut real: Vec<u32> = p.gather.iter().copied().filter(|&g| g != PAD_TOKEN).collect();
+                real.sort_unstable();
+                assert_eq!(real, (0..(h * w) as u32).collect::<Vec<_>>());
             }
         }
     }
