@@ -13,8 +13,9 @@
 //!   `_reference`. They run only where no gradient is needed and fall back to the reference
 //!   otherwise.
 //!
-//! Features: `cuda` (CUDA kernels; needs `nvcc` at build time). Features change speed, never
-//! results beyond float rounding.
+//! Features: `cuda` (CUDA kernels; needs `nvcc` at build time); `x86-v4` (AVX-512 matrix
+//! microkernels in `gemm`: worth it on Intel Xeon, a loss on AMD Zen 4). Features change speed,
+//! never results beyond float rounding.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
 pub mod fused;

@@ -75,6 +75,10 @@ fn linear_matches_reference() -> Result<()> {
             );
         }
     }
+    // Empty inputs.
+    let empty = Tensor::zeros((0, 8), DType::F32, &Device::Cpu)?;
+    let w = rand(&[3, 8], 6, 0.3)?;
+    assert_eq!(fused::linear(&empty, &w, None, Activation::Identity, None)?.dims(), [0, 3]);
     // A weight read through strides: rows of a bigger matrix, and a transposed one.
     let x = rand(&[2, 40, 48], 9, 1.0)?;
     let big = rand(&[3 * 64, 48], 10, 0.3)?;

@@ -55,7 +55,7 @@ pub fn linear(
     let mut all = vec![x, weight];
     all.extend(bias);
     all.extend(residual);
-    if !fast_path(&all) || k == 0 || n == 0 {
+    if !fast_path(&all) || x.elem_count() == 0 || n == 0 {
         return linear_reference(x, weight, bias, act, residual);
     }
     let m = x.elem_count() / k;
