@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Segment the object a sentence refers to: mask.png, overlay.png and result.json per input.
+    Segment(cmd::segment::Args),
     /// Tokenize JSON lines `{"text": ...}` from stdin into `{"ids", "attention_mask"}` lines.
     Tokenize(cmd::tokenize::Args),
     /// Run the model on the `input.*` tensors of a golden file and write every intermediate.
@@ -31,17 +33,27 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Preprocess an image into the model's two input tensors and describe them.
     Prepare(cmd::prepare::Args),
+    /// Compute the authors' RIS or GRES metrics from a JSON-lines file of predictions.
+    Metrics(cmd::metrics::Args),
+    /// Evaluate a model on a dataset split with the authors' protocol and metrics.
+    Eval(cmd::eval::Args),
+    /// Write a synthetic GRES dataset (shapes, referring expressions) in the DeRIS gRefCOCO layout.
+    Synth(cmd::synth::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Segment(a) => cmd::segment::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Dump(a) => cmd::dump::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
+        Command::Metrics(a) => cmd::metrics::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -130,3 +130,32 @@ fn failures_exit_2_name_the_path_and_leave_no_output() {
     assert!(files_in(&dir).is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--config` checks every key and shape against the real model: tiny-a passes against its own
+/// config and fails against DeRIS-B, leaving no output.
+#[test]
+fn config_audit_uses_the_model() {
+    let dir = temp_dir("config");
+    let out = dir.join("ok.safetensors");
+    let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-a.json");
+    let r = Command::new(env!("CARGO_BIN_EXE_deris"))
+        .arg("convert")
+        .arg(fixture("tiny-a/weights.pth"))
+        .arg(&out)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let bad = dir.join("bad.safetensors");
+    let r = Command::new(env!("CARGO_BIN_EXE_deris"))
+        .arg("convert")
+        .arg(fixture("tiny-a/weights.pth"))
+        .arg(&bad)
+        .args(["--config", "deris-b-refcoco"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("does not match the model"));
+    assert!(!bad.exists());
+}

@@ -1,36 +1,42 @@
 //! Custom tensor ops for deris, each a fast candle `CustomOp` with a slow twin built from
 //! primitive candle ops (the oracle for forward and gradient tests).
 //!
-//! - [`ms_deform_attn`](fn@ms_deform_attn) / [`ms_deform_attn_reference`]: multi-scale deformable attention
-//!   (Deformable DETR's `MSDeformAttnFunction`), forward and backward. The CPU path is
-//!   multithreaded with rayon; with the `cuda` feature the op also runs CUDA kernels
+//! - [`ms_deform_attn`](fn@ms_deform_attn) / [`ms_deform_attn_reference`]: multi-scale
+//!   deformable attention (Deformable DETR's `MSDeformAttnFunction`), forward and backward. The
+//!   CPU path is multithreaded with rayon; with the `cuda` feature the op also runs CUDA kernels
 //!   (`kernels/ms_deform_attn.cu`, compiled to PTX by `build.rs`). `kernels/check_cuda.py` checks
 //!   those kernels on a GPU against PyTorch's `grid_sample` and autograd without building Rust;
 //!   `tests/cuda.rs` compares the CUDA op with the CPU op when built with the feature.
 //!   [`ms_deform_attn::sampling_inputs`] derives the op's locations and softmaxed weights from
 //!   the module's projections in one pass.
-//! - [`conv2d`](fn@conv2d): stride-1 convolution with its bias as GEMMs on the NCHW layout (1×1: one
-//!   product; 3×3: Winograd `F(2×2, 3×3)`; other kernels: one product per tap), no im2col.
-//! - [`linear`](fn@linear): `nn.Linear` with the bias (and an optional ReLU) fused into the product.
-//! - [`post_norm`](mod@post_norm): `LayerNorm(residual + linear(x))` and `LayerNorm(x + FFN(x))` by blocks of
-//!   rows, each block on one thread.
+//! - [`fused`]: the transformer layers' CPU kernels: [`fused::layer_norm`], [`fused::linear`]
+//!   (bias, exact GELU and residual fused into the matrix product), [`fused::gelu_erf`] and
+//!   [`fused::attention`] (softmax with additive biases, heads read in place), each next to its
+//!   `_reference`. They run only where no gradient is needed and fall back to the reference
+//!   otherwise.
+//! - [`post_norm`](mod@post_norm): the post-norm sublayers `LayerNorm(residual + linear(x))` and
+//!   `LayerNorm(x + FFN(x))` (ReLU) by blocks of rows, each block on one thread.
+//! - [`conv2d`](fn@conv2d): stride-1 convolution with its bias as GEMMs on the NCHW layout (1×1:
+//!   one product; 3×3: Winograd `F(2×2, 3×3)`; other kernels: one product per tap), no im2col.
 //! - [`group_norm`](fn@group_norm): `nn.GroupNorm` (+ ReLU) in two passes per group.
-//! - [`resize_bilinear`](fn@resize_bilinear): `F.interpolate(mode="bilinear")` as a direct separable kernel.
+//! - [`resize_bilinear`](fn@resize_bilinear): `F.interpolate(mode="bilinear")` as a direct
+//!   separable kernel.
 //!
-//! The CPU-only ops (all but [`ms_deform_attn`](fn@ms_deform_attn)) take their fast path for f32/f64 CPU tensors
-//! that track no gradient; on other devices, or when an input tracks a gradient (training),
-//! they run their `_reference` twin, built from candle's primitive ops, which has candle's
-//! gradients. Their hand-written loops are compiled for AVX2+FMA and picked at run time when the
-//! CPU has them (the same arithmetic, wider registers); the products are the `gemm` crate's.
+//! The last four take their fast path for f32/f64 CPU tensors that track no gradient; on other
+//! devices, or when an input tracks a gradient (training), they run their `_reference` twin,
+//! built from candle's primitive ops, which has candle's gradients. Their hand-written loops are
+//! compiled for AVX2+FMA and picked at run time when the CPU has them (the same arithmetic,
+//! wider registers); the products are the `gemm` crate's.
 //!
-//! Features: `cuda` (CUDA kernels; needs `nvcc` at build time). Features change speed, never
-//! results beyond float rounding.
+//! Features: `cuda` (CUDA kernels; needs `nvcc` at build time); `x86-v4` (AVX-512 matrix
+//! microkernels in `gemm`: worth it on Intel Xeon, a loss on AMD Zen 4). Features change speed,
+//! never results beyond float rounding.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
 pub mod conv2d;
 mod cpu_gemm;
+pub mod fused;
 pub mod group_norm;
-pub mod linear;
 pub mod ms_deform_attn;
 pub mod post_norm;
 pub mod resize;
@@ -38,6 +44,5 @@ mod simd;
 
 pub use conv2d::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};
-pub use linear::{linear, linear_reference};
 pub use ms_deform_attn::{ms_deform_attn, ms_deform_attn_reference};
 pub use resize::{resize_bilinear, resize_bilinear_reference};

@@ -19,6 +19,7 @@ use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{self, MatRef};
+use crate::fused::{linear_reference, Activation};
 
 /// The parameters of an `nn.Linear`: weight `[N, K]`, bias `[N]`.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +75,7 @@ pub fn linear_residual_norm(x: &Tensor, dense: Dense, residual: &Tensor, norm: N
 /// # Shapes
 /// Same as [`linear_residual_norm`].
 pub fn linear_residual_norm_reference(x: &Tensor, dense: Dense, residual: &Tensor, norm: Norm) -> Result<Tensor> {
-    let y = crate::linear::linear_reference(x, dense.weight, dense.bias, false)?;
+    let y = linear_reference(x, dense.weight, dense.bias, Activation::Identity, None)?;
     layer_norm_reference(&(residual + y)?, norm)
 }
 
@@ -121,8 +122,8 @@ pub fn ffn_residual_norm(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm)
 /// # Shapes
 /// Same as [`ffn_residual_norm`].
 pub fn ffn_residual_norm_reference(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm) -> Result<Tensor> {
-    let h = crate::linear::linear_reference(x, linear1.weight, linear1.bias, true)?;
-    let y = crate::linear::linear_reference(&h, linear2.weight, linear2.bias, false)?;
+    let h = linear_reference(x, linear1.weight, linear1.bias, Activation::Identity, None)?.relu()?;
+    let y = linear_reference(&h, linear2.weight, linear2.bias, Activation::Identity, None)?;
     layer_norm_reference(&(x + y)?, norm)
 }
 
@@ -285,7 +286,7 @@ fn ffn_block<T: WithDType>(v: &Views<T>, (_, c, f): (usize, usize, usize), r0: u
     }
     let lhs = MatRef { data: xs, rows: r, cols: c, rs: c, cs: 1 };
     cpu_gemm::matmul_serial(&mut hidden, f, lhs, MatRef { data: w1, rows: c, cols: f, rs: 1, cs: c }, true)?;
-    crate::linear::relu_in_place(&mut hidden);
+    relu_in_place(&mut hidden);
     prefill(o, xs, v.get(4), c);
     let lhs = MatRef { data: &hidden, rows: r, cols: f, rs: f, cs: 1 };
     cpu_gemm::matmul_serial(o, c, lhs, MatRef { data: w2, rows: f, cols: c, rs: 1, cs: f }, true)
@@ -302,6 +303,17 @@ fn prefill<T: WithDType>(o: &mut [T], residual: &[T], bias: Option<&[T]>, c: usi
             }
         }
         None => o.copy_from_slice(residual),
+    }
+}
+
+crate::with_avx2!(fn relu_in_place<T: WithDType>(xs: &mut [T]) => relu_body);
+
+#[inline(always)]
+fn relu_body<T: WithDType>(xs: &mut [T]) {
+    let zero = T::from_f64(0.0);
+    for v in xs.iter_mut() {
+        // a select, not a branch, so that the loop vectorises; NaN stays NaN, like torch.relu
+        *v = if *v < zero { zero } else { *v };
     }
 }
 
@@ -391,4 +403,26 @@ mod tests {
             }
         }
     }
+
+    /// The row blocks depend on the total row count, but a row's result does not: an image
+    /// gets the same bits alone and in a batch.
+    #[test]
+    fn rows_do_not_depend_on_batch_mates() {
+        let dev = Device::Cpu;
+        let r = |dims: Vec<usize>, s: f32| Tensor::randn(0f32, s, dims, &dev).unwrap();
+        let (x, mates) = (r(vec![1, 300, 64], 1.0), r(vec![2, 300, 64], 1.0));
+        let batch = Tensor::cat(&[&x, &mates], 0).unwrap();
+        let (w1, b1, w2, b2) = (r(vec![256, 64], 0.1), r(vec![256], 0.1), r(vec![64, 256], 0.1), r(vec![64], 0.1));
+        let (g, beta) = ((r(vec![64], 0.2) + 1.0).unwrap(), r(vec![64], 0.2));
+        let norm = Norm { weight: &g, bias: Some(&beta), eps: 1e-5 };
+        let (l1, l2) = (Dense { weight: &w1, bias: Some(&b1) }, Dense { weight: &w2, bias: Some(&b2) });
+        let alone = ffn_residual_norm(&x, l1, l2, norm).unwrap();
+        let in_batch = ffn_residual_norm(&batch, l1, l2, norm).unwrap().narrow(0, 0, 1).unwrap();
+        assert_eq!(max_diff(&alone, &in_batch), 0.0);
+        let sq = r(vec![64, 64], 0.1);
+        let alone = linear_residual_norm(&x, Dense { weight: &sq, bias: Some(&b2) }, &x, norm).unwrap();
+        let in_batch = linear_residual_norm(&batch, Dense { weight: &sq, bias: Some(&b2) }, &batch, norm).unwrap();
+        assert_eq!(max_diff(&alone, &in_batch.narrow(0, 0, 1).unwrap()), 0.0);
+    }
 }
+

@@ -370,7 +370,7 @@ impl DerisConfig {
     /// Reads a JSON config file and validates it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+            .map_err(|e| Error::Io { path: path.to_path_buf(), err: e })?;
         let cfg: DerisConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
             field: format!("{} (line {}, column {})", path.display(), e.line(), e.column()),
             reason: e.to_string(),

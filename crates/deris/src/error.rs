@@ -5,9 +5,10 @@ use std::path::PathBuf;
 /// Errors from loading, preprocessing and running DeRIS.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file could not be read or written. (`err` is not a `source`: the message already
+    /// says it, and error chains would print it twice.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A checkpoint file is unreadable, or does not match the model (strict loading).
     #[error("checkpoint {}: {reason}", path.display())]

@@ -9,7 +9,9 @@
 //! - [`loopback`]: the loopback decoder (`perception_branch.predictor.*`);
 //! - [`post`]: scores, masks, the no-target decision;
 //! - [`preprocess`]: OpenCV-exact image resizing and the BEiT-3 tokenizer;
-//! - [`checkpoint`]: the one place that maps checkpoint files and keys to modules.
+//! - [`checkpoint`]: the one place that maps checkpoint files and keys to modules;
+//! - [`pipeline`]: [`Segmenter`], image + sentence in, [`Prediction`] ([`output`]) out;
+//! - [`viz`]: the overlay picture of a prediction (draws, never runs a model).
 //!
 //! Features: `cuda` (CUDA device and kernels), `mkl` (Intel MKL matmuls). Features change speed,
 //! never results.
@@ -18,16 +20,23 @@
 pub mod checkpoint;
 pub mod cognition;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loopback;
 pub mod model;
 pub mod nn;
+pub mod output;
 pub mod perception;
+pub mod pipeline;
 pub mod post;
 pub mod preprocess;
 pub mod taps;
+pub mod viz;
 
 pub use config::{BatchCoupling, DerisConfig, Preset};
 pub use model::{Deris, DerisOutput, ModelInputs};
+pub use output::Prediction;
+pub use pipeline::{Segmenter, Weights};
 pub use error::{Error, Result};
 pub use taps::Taps;

@@ -37,11 +37,15 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: super::DeviceArg,
 }
 
 #[derive(Serialize)]
 struct Report {
     config: String,
+    device: String,
     batch: usize,
     runs: usize,
     threads: usize,
@@ -51,6 +55,11 @@ struct Report {
     median_s_per_image: f64,
     min_s_per_image: f64,
     peak_rss_mib: Option<f64>,
+    /// Peak GPU memory in use from the model build to the last run (whole device, as the driver
+    /// reports it, sampled every ms); null on the CPU.
+    peak_gpu_mib: Option<f64>,
+    /// GPU memory in use before the model was built (the CUDA context and other processes).
+    gpu_base_mib: Option<f64>,
     stages: StagesJson,
     checksum: f64,
 }
@@ -68,7 +77,9 @@ struct StagesJson {
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.batch > 0 && a.runs > 0, "--batch and --runs must be positive");
     let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
-    let device = Device::Cpu;
+    let device = a.device.open()?;
+    let gpu_watch = super::GpuMemWatch::start(&device)?;
+    let gpu_base_mib = gpu_watch.as_ref().map(super::GpuMemWatch::first_mib);
     let t0 = Instant::now();
     let model = match &a.weights {
         Some(w) => {
@@ -103,6 +114,7 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("run {}{}: {:.3} s", i + 1, if i < a.warmup { " (warm-up)" } else { "" }, total);
         }
     }
+    let peak_gpu_mib = gpu_watch.map(super::GpuMemWatch::peak_mib);
     let med = |mut v: Vec<f64>| {
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
@@ -119,6 +131,7 @@ pub fn run(a: Args) -> Result<()> {
     let min = totals.iter().cloned().fold(f64::INFINITY, f64::min);
     let report = Report {
         config: cfg.name.clone(),
+        device: a.device.to_string(),
         batch: a.batch,
         runs: a.runs,
         threads: candle_core::utils::get_num_threads(),
@@ -128,6 +141,8 @@ pub fn run(a: Args) -> Result<()> {
         median_s_per_image: median / a.batch as f64,
         min_s_per_image: min / a.batch as f64,
         peak_rss_mib: peak_rss_mib(),
+        peak_gpu_mib,
+        gpu_base_mib,
         stages,
         checksum,
     };
@@ -140,7 +155,10 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn print_table(r: &Report) {
-    println!("{} · batch {} · {} runs · {} threads · built in {:.2} s", r.config, r.batch, r.runs, r.threads, r.build_s);
+    println!(
+        "{} · {} · batch {} · {} runs · {} threads · built in {:.2} s",
+        r.config, r.device, r.batch, r.runs, r.threads, r.build_s
+    );
     println!("| stage | median s |\n|---|---|");
     for (k, v) in [
         ("beit3", r.stages.beit3),
@@ -153,11 +171,15 @@ fn print_table(r: &Report) {
         println!("| {k} | {v:.3} |");
     }
     println!(
-        "median {:.3} s/batch ({:.3} s/image), min {:.3} s/batch; peak RSS {}; checksum {:.6e}",
+        "median {:.3} s/batch ({:.3} s/image), min {:.3} s/batch; peak RSS {}{}; checksum {:.6e}",
         r.median_s_per_batch,
         r.median_s_per_image,
         r.min_s_per_batch,
         r.peak_rss_mib.map_or("n/a".to_string(), |m| format!("{m:.0} MiB")),
+        match (r.peak_gpu_mib, r.gpu_base_mib) {
+            (Some(p), Some(b)) => format!("; peak GPU memory {p:.0} MiB (of which {b:.0} before the model)"),
+            _ => String::new(),
+        },
         r.checksum
     );
 }

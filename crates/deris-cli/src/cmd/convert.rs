@@ -149,11 +149,11 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
     }
 
-    /// Has the form of the integration line: a non-capturing closure as a `Constructor`.
-    const STAND_IN: Constructor = |cfg, vb| {
+    /// A constructor that requests a single real key.
+    fn one_key(cfg: &DerisConfig, vb: VarBuilder<'_>) -> candle_core::Result<()> {
         let n = cfg.understanding.num_queries;
         vb.pp("understanding_branch.init_query").get((n, cfg.beit3.embed_dim), "weight").map(drop)
-    };
+    }
 
     #[test]
     fn audit_against_config_reports_through_the_constructor() {
@@ -169,7 +169,7 @@ mod tests {
         };
         audit_against_config(&ckpt, &cfg, all).unwrap();
         // One real key only: the other 561 are unexpected, in one error naming the model.
-        let err = audit_against_config(&ckpt, &cfg, STAND_IN).unwrap_err();
+        let err = audit_against_config(&ckpt, &cfg, one_key).unwrap_err();
         match err.downcast_ref::<deris::Error>().unwrap() {
             deris::Error::KeyMismatch { model, missing, unexpected, mismatched, .. } => {
                 assert_eq!(model, &cfg.name);

@@ -38,6 +38,9 @@ pub struct Args {
     /// For a batch of several images, do not also write `single<b>.*` (each image run alone).
     #[arg(long)]
     no_singles: bool,
+    /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: super::DeviceArg,
 }
 
 const INPUTS: [&str; 4] = ["input.img", "input.img_mini", "input.ref_expr_inds", "input.text_attention_mask"];
@@ -50,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.reference_batch_coupling {
         cfg.runtime.batch_coupling = BatchCoupling::Reference;
     }
-    let device = Device::Cpu;
+    let device = a.device.open()?;
     let inputs = read_inputs(&a.inputs, &device)?;
     let ckpt = Checkpoint::open(&a.weights)?;
     let model = checkpoint::load_strict(&ckpt, DType::F32, &device, &cfg.name, |vb| Deris::new(&cfg, vb))?;
@@ -78,7 +81,7 @@ pub fn run(a: Args) -> Result<()> {
             "input.ref_expr_inds" => &inputs.ref_expr_inds,
             _ => &inputs.text_attention_mask,
         };
-        out.insert(name.to_string(), t.clone());
+        out.insert(name.to_string(), t.to_device(&Device::Cpu)?);
     }
     let n = out.len();
     checkpoint::save_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
@@ -92,11 +95,11 @@ fn run_once(model: &Deris, x: &ModelInputs, coupling: BatchCoupling) -> Result<B
     let y = model.forward(x, coupling, &mut taps)?;
     let params = PostParams::from(&model.config().runtime);
     post::get_predictions_parts(&y.pred_refer_logits, &y.pred_boxes, &y.pred_masks, &y.pred_existence, &params, &mut taps)?;
-    // Everything the golden table lists that is produced above, plus contiguous copies so the
-    // writer never sees strided views.
+    // Everything the golden table lists that is produced above, as contiguous CPU copies so the
+    // writer never sees strided views or device memory.
     taps.into_map()
         .into_iter()
-        .map(|(k, v)| Ok((k, v.contiguous()?)))
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect()
 }
 

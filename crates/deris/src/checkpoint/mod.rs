@@ -327,7 +327,7 @@ pub fn bit_identical(a: &Tensor, b: &Tensor) -> Result<bool> {
 /// Writes `tensors` as a safetensors file, keeping their dtypes. The data goes to a temporary
 /// file beside `path`, which is renamed over `path` only once complete.
 pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-    let io_err = |source| Error::Io { path: path.to_path_buf(), source };
+    let io_err = |err| Error::Io { path: path.to_path_buf(), err };
     let file_name = path.file_name().ok_or_else(|| io_err(std::io::Error::other("not a file path")))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);

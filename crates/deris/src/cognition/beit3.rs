@@ -10,9 +10,10 @@
 //! `ffn_layernorm` after the GELU).
 
 use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, VarBuilder};
 
 use crate::config::DerisConfig;
+use crate::nn::fused::{LayerNorm, Linear};
 use crate::nn::mha::{attention, key_padding_bias, merge_heads, split_heads};
 use crate::nn::multiway::{self, Multiway, Split};
 use crate::taps::Taps;
@@ -85,9 +86,10 @@ impl MultiheadAttention {
 
     /// Joint attention of every token over all `Ta + Tb` tokens; each part's queries run
     /// separately so the outputs come back already split for `inner_attn_ln` and `out_proj`.
+    /// Returns `residual + attention(x)` (the residual addition is fused into `out_proj`).
     ///
     /// `key_bias`: `[B, 1, 1, Ta + Tb]`, −inf on padded text keys.
-    fn forward(&self, x: &Split, key_bias: &Tensor) -> Result<Split> {
+    fn forward_add(&self, x: &Split, key_bias: &Tensor, residual: &Split) -> Result<Split> {
         let k = split_heads(&self.k_proj.forward(x)?.cat()?, self.num_heads)?; // [B, H, T, hd]
         let v = split_heads(&self.v_proj.forward(x)?.cat()?, self.num_heads)?; // [B, H, T, hd]
         let q = self.q_proj.forward(x)?;
@@ -96,7 +98,7 @@ impl MultiheadAttention {
             merge_heads(&attention(&q, &k, &v, self.scaling, Some(key_bias))?) // [B, Tq, D]
         };
         let o = Split { a: attend(&q.a)?, b: attend(&q.b)? };
-        self.out_proj.forward(&self.inner_attn_ln.forward(&o)?)
+        self.out_proj.forward_add(&self.inner_attn_ln.forward(&o)?, residual)
     }
 }
 
@@ -111,17 +113,16 @@ struct FeedForwardNetwork {
 impl FeedForwardNetwork {
     fn new(dim: usize, ffn_dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: crate::nn::linear(dim, ffn_dim, vb.pp("fc1"))?,
-            fc2: crate::nn::linear(ffn_dim, dim, vb.pp("fc2"))?,
-            ffn_layernorm: crate::nn::layer_norm(ffn_dim, eps, vb.pp("ffn_layernorm"))?,
+            fc1: crate::nn::fused::linear(dim, ffn_dim, vb.pp("fc1"))?,
+            fc2: crate::nn::fused::linear(ffn_dim, dim, vb.pp("fc2"))?,
+            ffn_layernorm: crate::nn::fused::layer_norm(ffn_dim, eps, vb.pp("ffn_layernorm"))?,
         })
     }
-}
 
-impl Module for FeedForwardNetwork {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x)?.gelu_erf()?;
-        self.fc2.forward(&self.ffn_layernorm.forward(&h)?)
+    /// `residual + ffn(x)`, the addition fused into `fc2`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward_gelu(x)?;
+        self.fc2.forward_add(&self.ffn_layernorm.forward(&h)?, residual)
     }
 }
 
@@ -147,8 +148,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Split, key_bias: &Tensor) -> Result<Split> {
-        let h = x.add(&self.self_attn.forward(&self.self_attn_layer_norm.forward(x)?, key_bias)?)?;
-        h.add(&self.ffn.forward(&self.final_layer_norm.forward(&h)?)?)
+        let h = self.self_attn.forward_add(&self.self_attn_layer_norm.forward(x)?, key_bias, x)?;
+        let y = self.final_layer_norm.forward(&h)?;
+        Ok(Split { a: self.ffn.a.forward_add(&y.a, &h.a)?, b: self.ffn.b.forward_add(&y.b, &h.b)? })
     }
 }
 

@@ -6,15 +6,19 @@
 //! code (e.g. `query_SA` attending over the batch) are made explicit.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::fused::Linear;
 
 /// Splits `[B, L, H·hd]` into heads `[B, H, L, hd]` (head h owns channels `h·hd..(h+1)·hd`).
+/// The result is a strided view: [`attention`] reads the heads in place.
 pub fn split_heads(x: &Tensor, num_heads: usize) -> Result<Tensor> {
     let (b, l, e) = x.dims3()?;
-    x.reshape((b, l, num_heads, e / num_heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, l, num_heads, e / num_heads))?.transpose(1, 2)
 }
 
-/// Inverse of [`split_heads`]: `[B, H, L, hd]` → `[B, L, H·hd]`.
+/// Inverse of [`split_heads`]: `[B, H, L, hd]` → `[B, L, H·hd]` (free on [`attention`]'s
+/// output, which is laid out `[B, L, H, hd]`).
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, l, hd) = x.dims4()?;
     x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * hd))
@@ -23,17 +27,22 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// `softmax(q·kᵀ·scale + bias)·v` over the last axis of the scores.
 ///
 /// # Shapes
-/// - `q`: `[B, H, Lq, hd]`, `k`, `v`: `[B, H, Lk, hd]`
+/// - `q`: `[B, H, Lq, hd]`, `k`, `v`: `[B, H, Lk, hd]` (any strides)
 /// - `bias`: additive, broadcastable to `[B, H, Lq, Lk]` (−inf or −100 on blocked keys)
 /// - returns `[B, H, Lq, hd]`
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    let q = (q * scale)?;
-    let mut scores = q.matmul(&k.t()?)?; // [B, H, Lq, Lk]
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(bias)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(v)
+    let biases: Vec<&Tensor> = bias.into_iter().collect();
+    attention_with_biases(q, k, v, scale, &biases)
+}
+
+/// [`attention`] with several additive biases (e.g. Swin's relative-position bias and region
+/// mask), summed into the scores. A bias may also be `[G, ..]` with `G` dividing `B`, batch `b`
+/// using bias `b mod G` (see [`deris_kernels::fused::attention`]).
+///
+/// On CPU without gradients this is one fused kernel (no copies of the heads, softmax in
+/// cache); otherwise [`deris_kernels::fused::attention_reference`] (primitive ops).
+pub fn attention_with_biases(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tensor]) -> Result<Tensor> {
+    deris_kernels::fused::attention(q, k, v, scale, biases)
 }
 
 /// Turns a padding mask (`[B, L]`, any integer dtype, **1 = padding**) into an additive bias
@@ -70,16 +79,13 @@ impl MultiheadAttention {
         let w = vb.get((3 * embed_dim, embed_dim), "in_proj_weight")?;
         let b = vb.get(3 * embed_dim, "in_proj_bias")?;
         let part = |i: usize| -> Result<Linear> {
-            Ok(Linear::new(
-                w.narrow(0, i * embed_dim, embed_dim)?,
-                Some(b.narrow(0, i * embed_dim, embed_dim)?),
-            ))
+            Ok(Linear::new(w.narrow(0, i * embed_dim, embed_dim)?, Some(b.narrow(0, i * embed_dim, embed_dim)?)))
         };
         Ok(Self {
             q_proj: part(0)?,
             k_proj: part(1)?,
             v_proj: part(2)?,
-            out_proj: candle_nn::linear(embed_dim, embed_dim, vb.pp("out_proj"))?,
+            out_proj: super::fused::linear(embed_dim, embed_dim, vb.pp("out_proj"))?,
             num_heads,
             head_dim: embed_dim / num_heads,
         })

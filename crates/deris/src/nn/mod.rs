@@ -1,6 +1,7 @@
 //! Building blocks shared by every branch: attention, norms, MLPs, position embeddings and
 //! interpolation. Each is written once and tested against PyTorch's semantics.
 
+pub mod fused;
 pub mod interpolate;
 pub mod mha;
 pub mod mlp;

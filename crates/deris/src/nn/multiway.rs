@@ -9,7 +9,9 @@
 //! self-attention (and the taps) see the concatenation.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::fused::{LayerNorm, Linear};
 
 /// A token sequence cut at the multiway split position: `a` = vision tokens `[B, Ta, ..]`,
 /// `b` = language tokens `[B, Tb, ..]`.
@@ -23,11 +25,6 @@ impl Split {
     /// The whole sequence `[B, Ta + Tb, ..]` (token axis 1).
     pub fn cat(&self) -> Result<Tensor> {
         Tensor::cat(&[&self.a, &self.b], 1)
-    }
-
-    /// Elementwise `self + other`, part by part (residual connections).
-    pub fn add(&self, other: &Split) -> Result<Split> {
-        Ok(Split { a: (&self.a + &other.a)?, b: (&self.b + &other.b)? })
     }
 }
 
@@ -55,14 +52,24 @@ impl<M: Module> Multiway<M> {
     }
 }
 
+impl Multiway<Linear> {
+    /// `residual + linear(x)`, part by part, with the addition fused into the product.
+    ///
+    /// # Shapes
+    /// - `x`: parts `[B, Ta, in]`, `[B, Tb, in]`; `residual`: parts `[B, Ta, out]`, `[B, Tb, out]`
+    pub fn forward_add(&self, x: &Split, residual: &Split) -> Result<Split> {
+        Ok(Split { a: self.a.forward_add(&x.a, &residual.a)?, b: self.b.forward_add(&x.b, &residual.b)? })
+    }
+}
+
 /// Multiway `nn.Linear(i, o)` with bias.
 pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Multiway<Linear>> {
-    Multiway::new(vb, |vb| super::linear(i, o, vb))
+    Multiway::new(vb, |vb| super::fused::linear(i, o, vb))
 }
 
 /// Multiway `nn.LayerNorm(dim, eps)`.
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<Multiway<LayerNorm>> {
-    Multiway::new(vb, |vb| super::layer_norm(dim, eps, vb))
+    Multiway::new(vb, |vb| super::fused::layer_norm(dim, eps, vb))
 }
 
 #[cfg(test)]

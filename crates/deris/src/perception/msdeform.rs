@@ -4,19 +4,20 @@
 //! Keys (under `…transformer.encoder.layers.{i}.self_attn`): `sampling_offsets`,
 //! `attention_weights`, `value_proj`, `output_proj` (each `weight`, `bias`).
 //!
-//! The sampling itself is the [`deris_kernels::ms_deform_attn`](fn@deris_kernels::ms_deform_attn) op (multithreaded CPU, CUDA
-//! with the `cuda` feature, gradients for all inputs); its inputs come from
-//! [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections from
-//! [`deris_kernels::linear`](fn@deris_kernels::linear) (both fast on the CPU, primitive ops with gradients in training).
+//! The sampling itself is the [`deris_kernels::ms_deform_attn`](fn@deris_kernels::ms_deform_attn)
+//! op (multithreaded CPU, CUDA with the `cuda` feature, gradients for all inputs); its inputs
+//! come from [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections from
+//! [`deris_kernels::fused::linear`] (both fast on the CPU, primitive ops with gradients in
+//! training).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::nn::linear;
 
-/// `x · Wᵀ + b` on [`deris_kernels::linear`] (bias fused into the product on the CPU).
+/// `x · Wᵀ + b` on [`deris_kernels::fused::linear`] (bias fused into the product on the CPU).
 pub(crate) fn proj(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    deris_kernels::linear(x, l.weight(), l.bias(), false)
+    deris_kernels::fused::linear(x, l.weight(), l.bias(), deris_kernels::fused::Activation::Identity, None)
 }
 
 /// `MSDeformAttn(d_model, n_levels, n_heads, n_points)`.

@@ -224,7 +224,9 @@ impl MSDeformAttnPixelDecoder {
             let pe = pos_embed::sine_2d(d / 2, h, w, dev)?.to_dtype(dtype)?.reshape((d, h * w))?.t()?; // [h·w, d]
             pos.push(pe.broadcast_add(&self.level_embed.get(l)?)?);
         }
-        let src = Tensor::cat(&srcs, 1)?; // [B, S, d]
+        // `cat` of transposed views returns a token-major view (strides [d, B·d, 1]), which CUDA's
+        // matmul refuses for B > 1: make it row-major once here.
+        let src = Tensor::cat(&srcs, 1)?.contiguous()?; // [B, S, d]
         let pos = Tensor::cat(&pos, 0)?.unsqueeze(0)?; // [1, S, d]
         let s = src.dim(1)?;
         let reference_points = reference_points(&shapes, dev)?

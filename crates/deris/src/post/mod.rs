@@ -8,6 +8,7 @@
 //! No keys.
 
 pub mod masks;
+pub mod rescale;
 
 use candle_core::{DType, Result, Tensor, D};
 

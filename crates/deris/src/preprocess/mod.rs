@@ -2,4 +2,5 @@
 
 pub mod image;
 pub mod resize;
+mod spm;
 pub mod text;

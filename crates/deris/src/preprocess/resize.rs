@@ -144,11 +144,9 @@ fn area_half(src: &[u8], w: usize, c: usize, dst_h: usize, dst_w: usize) -> Vec<
 }
 
 /// The source index OpenCV's `INTER_NEAREST` reads for destination index `d`:
-/// `min(floor(d * (1.0 / (dst / src))), src - 1)` in double (gold README §2; `floor(d * src / dst)`
-/// differs for e.g. src = 68, 118, 136, 148, 194 → 384).
-pub fn nearest_index(d: usize, src: usize, dst: usize) -> usize {
-    ((d as f64 * reciprocal_scale(src, dst)).floor() as usize).min(src - 1)
-}
+/// `min(floor(d * (1.0 / (dst / src))), src - 1)` in double (gold README §2). It lives in
+/// `deris-coco`, which resizes ground-truth masks with the same rule.
+pub use deris_coco::nearest_index;
 
 /// `cv2.resize(src, (dst_w, dst_h), interpolation=cv2.INTER_NEAREST)` for a `[h, w, c]` u8 image
 /// (masks use `c = 1`).

@@ -5,11 +5,11 @@
 //! `attn.relative_position_index`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use super::windows::{relative_position_index, StageWindows, WindowPartition};
-use crate::nn::mha::{attention, merge_heads};
-use crate::nn::{layer_norm, linear};
+use crate::nn::fused::{layer_norm, linear, LayerNorm, Linear};
+use deris_kernels::fused::window_attention;
 
 /// `WindowAttention`: multi-head self-attention inside each window, with a learned relative
 /// position bias and, in shifted blocks, the −100 region mask. Padding tokens are not masked.
@@ -19,7 +19,7 @@ pub struct WindowAttention {
     proj: Linear,
     num_heads: usize,
     head_dim: usize,
-    /// `relative_position_bias_table[relative_position_index]`, `[heads, ws², ws²]`.
+    /// `relative_position_bias_table[relative_position_index]`, `[1, heads, ws², ws²]`.
     relative_position_bias: Tensor,
 }
 
@@ -44,7 +44,8 @@ impl WindowAttention {
             .index_select(&index, 0)? // [ws²·ws², heads]
             .reshape((n, n, num_heads))?
             .permute((2, 0, 1))? // [heads, ws², ws²]
-            .contiguous()?;
+            .contiguous()?
+            .unsqueeze(0)?; // [1, heads, ws², ws²]
         Ok(Self {
             qkv: linear(dim, 3 * dim, vb.pp("qkv"))?,
             proj: linear(dim, dim, vb.pp("proj"))?,
@@ -54,39 +55,22 @@ impl WindowAttention {
         })
     }
 
+    /// `shortcut + proj(window attention(x))`.
+    ///
     /// # Shapes
-    /// - `windows`: `[B, nW·ws², C]`, the window tokens as gathered by `part`
-    /// - returns `[B, H·W, C]`, back in image order (after `proj`)
-    pub fn forward(&self, windows: &Tensor, part: &WindowPartition) -> Result<Tensor> {
-        let (b, len, c) = windows.dims3()?;
-        let nw = part.num_windows;
-        let n = len / nw;
-        let (heads, hd) = (self.num_heads, self.head_dim);
-        let qkv = self
-            .qkv
-            .forward(windows)? // [B, nW·N, 3C], channels [q | k | v], each head-major
-            .reshape((b * nw, n, 3, heads, hd))?
-            .permute((2, 0, 3, 1, 4))? // [3, B·nW, heads, N, hd]
-            .contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B·nW, heads, N, hd]
-        let scale = (hd as f64).powf(-0.5);
-        let o = match &part.region_mask {
-            None => attention(&q, &k, &v, scale, Some(&self.relative_position_bias))?,
-            Some(mask) => {
-                // Windows join the head axis so that the per-window mask broadcasts over B.
-                let bias = self
-                    .relative_position_bias
-                    .unsqueeze(0)?
-                    .broadcast_add(mask)? // [nW, heads, N, N]
-                    .reshape((nw * heads, n, n))?;
-                let fold = |t: &Tensor| t.reshape((b, nw * heads, n, hd));
-                attention(&fold(&q)?, &fold(&k)?, &fold(&v)?, scale, Some(&bias))?.reshape((b * nw, heads, n, hd))?
-            }
-        };
-        let o = merge_heads(&o)?.reshape((b, nw * n, c))?; // [B, nW·N, C]
-        // Undo the partition before `proj`: padding tokens are dropped and never projected.
-        let o = o.index_select(&part.scatter, 1)?; // [B, H·W, C]
-        self.proj.forward(&o)
+    /// - `x`: `[B, H·W, C]`, the normed tokens in image order, partitioned by `part`
+    /// - `shortcut`: `[B, H·W, C]`; returns `[B, H·W, C]`
+    pub fn forward_add(&self, x: &Tensor, part: &WindowPartition, shortcut: &Tensor) -> Result<Tensor> {
+        // Only the real tokens are projected: a padding token is zero after the norm, so its
+        // q, k, v are the qkv bias, which the kernel uses for it.
+        let qkv = self.qkv.forward(x)?; // [B, H·W, 3C], channels [q | k | v], each head-major
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let rel = &self.relative_position_bias; // [1, heads, N, N]
+                                                // The region mask is per window ([nW, 1, N, N]): window w of every image takes mask w.
+        let biases: Vec<&Tensor> = std::iter::once(rel).chain(&part.region_mask).collect();
+        let o =
+            window_attention(&qkv, self.qkv.bias(), &part.gather, part.num_windows, self.num_heads, scale, &biases)?;
+        self.proj.forward_add(&o, shortcut) // [B, H·W, C]
     }
 }
 
@@ -103,9 +87,10 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+impl Mlp {
+    /// `shortcut + fc2(GELU(fc1(x)))`, the GELU fused into `fc1` and the addition into `fc2`.
+    pub fn forward_add(&self, x: &Tensor, shortcut: &Tensor) -> Result<Tensor> {
+        self.fc2.forward_add(&self.fc1.forward_gelu(x)?, shortcut)
     }
 }
 
@@ -121,7 +106,15 @@ pub struct SwinTransformerBlock {
 }
 
 impl SwinTransformerBlock {
-    pub fn new(dim: usize, num_heads: usize, ws: usize, mlp_hidden: usize, shifted: bool, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        num_heads: usize,
+        ws: usize,
+        mlp_hidden: usize,
+        shifted: bool,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, eps, vb.pp("norm1"))?,
             attn: WindowAttention::new(dim, num_heads, ws, vb.pp("attn"))?,
@@ -137,9 +130,7 @@ impl SwinTransformerBlock {
     pub fn forward(&self, x: &Tensor, windows: &StageWindows) -> Result<Tensor> {
         let part = if self.shifted { &windows.shifted } else { &windows.regular };
         // Padding comes after the norm: padded tokens are exact zeros, and attended to unmasked.
-        let t = self.norm1.forward(x)?.index_select(&part.gather, 1)?; // [B, nW·ws², C]
-        let x = (x + self.attn.forward(&t, part)?)?;
-        let y = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        x + y
+        let x = self.attn.forward_add(&self.norm1.forward(x)?, part, x)?;
+        self.mlp.forward_add(&self.norm2.forward(&x)?, &x)
     }
 }

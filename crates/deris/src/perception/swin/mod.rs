@@ -15,12 +15,12 @@ pub mod windows;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use self::block::SwinTransformerBlock;
 use self::windows::StageWindows;
 use crate::config::DerisConfig;
-use crate::nn::{layer_norm, linear_no_bias};
+use crate::nn::fused::{layer_norm, linear_no_bias, LayerNorm, Linear};
 use crate::taps::Taps;
 
 /// Number of stages (res2..res5).

@@ -2,11 +2,12 @@
 //! cyclic shift, the stage padding and the `BasicLayer` region mask of `swin_trans.py`).
 //!
 //! Padding a map to a multiple of the window, rolling it by `−shift` and cutting it into windows
-//! only moves tokens, so it is done here as one `index_select` with a precomputed index; undoing it
-//! (window reverse, roll back, crop) is a second one. Padding tokens use the index `u32::MAX`, for
-//! which candle's `index_select` writes zeros (CPU and CUDA alike), so no padded copy of the
-//! map is ever made. The indices and the −100 region mask depend on the feature-map size only, so
-//! they are built once per size and shared by every block of a stage.
+//! only moves tokens, so it is described here by one index (window token → image token, or
+//! `u32::MAX` for padding) that the window-attention kernel reads through
+//! ([`deris_kernels::fused::window_attention`]); undoing it (window reverse, roll back, crop) is the
+//! same index read backwards. No padded or partitioned copy of the map is ever made. The index and
+//! the −100 region mask depend on the feature-map size only, so they are built once per size and
+//! shared by every block of a stage.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -30,8 +31,8 @@ pub fn relative_position_index(ws: usize) -> Vec<u32> {
     index
 }
 
-/// `index_select` index that yields a zero token.
-const PAD_TOKEN: u32 = u32::MAX;
+/// Window-map entry of a padding token.
+const PAD_TOKEN: u32 = deris_kernels::fused::window::PAD;
 
 /// Region band of coordinate `p` on a padded, shifted axis of length `len`:
 /// 0 for `[0, len − ws)`, 1 for `[len − ws, len − shift)`, 2 for `[len − shift, len)`.
@@ -52,10 +53,8 @@ pub struct WindowPartition {
     /// Windows per image, `(Hp/ws)·(Wp/ws)`.
     pub num_windows: usize,
     /// For each window token (windows row-major, tokens row-major inside a window), the index of
-    /// its source among the `H·W` row-major tokens, or `u32::MAX` (a zero token) for padding. `[nW·ws²]` u32.
-    pub gather: Tensor,
-    /// For each of the `H·W` tokens, its position among the window tokens. `[H·W]` u32.
-    pub scatter: Tensor,
+    /// its source among the `H·W` row-major tokens, or `u32::MAX` for padding. `nW·ws²` entries.
+    pub gather: Vec<u32>,
     /// Shifted blocks only: the region mask, 0 within a region and −100 across, `[nW, 1, ws², ws²]`.
     pub region_mask: Option<Tensor>,
 }
@@ -88,15 +87,6 @@ impl WindowPartition {
             }
         }
 
-        let mut scatter = Vec::with_capacity(h * w);
-        for y in 0..h {
-            for x in 0..w {
-                let (py, px) = ((y + hp - shift) % hp, (x + wp - shift) % wp);
-                let window = (py / ws) * cols + px / ws;
-                scatter.push((window * n + (py % ws) * ws + px % ws) as u32);
-            }
-        }
-
         let region_mask = if shift > 0 {
             let mut mask = Vec::with_capacity(num_windows * n * n);
             for window in labels.chunks_exact(n) {
@@ -109,12 +99,7 @@ impl WindowPartition {
             None
         };
 
-        Ok(Self {
-            num_windows,
-            gather: Tensor::from_vec(gather, num_windows * n, device)?,
-            scatter: Tensor::from_vec(scatter, h * w, device)?,
-            region_mask,
-        })
+        Ok(Self { num_windows, gather, region_mask })
     }
 }
 
@@ -148,40 +133,24 @@ mod tests {
         let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         let x = x.pad_with_zeros(1, 0, hp - h).unwrap().pad_with_zeros(2, 0, wp - w).unwrap();
         let x = x.roll(-(shift as i32), 1).unwrap().roll(-(shift as i32), 2).unwrap();
-        let x = x
-            .reshape((hp / ws, ws, wp / ws, ws))
-            .unwrap()
-            .permute((0, 2, 1, 3))
-            .unwrap()
-            .flatten_all()
-            .unwrap();
+        let x = x.reshape((hp / ws, ws, wp / ws, ws)).unwrap().permute((0, 2, 1, 3)).unwrap().flatten_all().unwrap();
         x.to_dtype(DType::U32).unwrap().to_vec1().unwrap()
     }
 
     #[test]
-    fn gather_and_scatter_match_pad_roll_partition() {
+    fn gather_matches_pad_roll_partition() {
         for &(h, w, ws) in &[(5usize, 9usize, 7usize), (24, 40, 7), (3, 5, 7), (12, 12, 12), (13, 6, 4)] {
             for shift in [0, ws / 2] {
                 let p = WindowPartition::new(h, w, ws, shift, DType::F32, &Device::Cpu).unwrap();
-                let gather: Vec<u32> = p.gather.to_vec1().unwrap();
                 let want = naive_windows(h, w, ws, shift);
-                let got: Vec<u32> = gather.iter().map(|&g| if g == PAD_TOKEN { 0 } else { g + 1 }).collect();
+                let got: Vec<u32> = p.gather.iter().map(|&g| if g == PAD_TOKEN { 0 } else { g + 1 }).collect();
                 assert_eq!(got, want, "{h}x{w} ws {ws} shift {shift}");
-                // scatter inverts gather on the real tokens
-                let scatter: Vec<u32> = p.scatter.to_vec1().unwrap();
-                for (t, &s) in scatter.iter().enumerate() {
-                    assert_eq!(gather[s as usize] as usize, t);
-                }
+                // every token sits in exactly one window
+                let mut real: Vec<u32> = p.gather.iter().copied().filter(|&g| g != PAD_TOKEN).collect();
+                real.sort_unstable();
+                assert_eq!(real, (0..(h * w) as u32).collect::<Vec<_>>());
             }
         }
-    }
-
-    #[test]
-    fn padding_index_selects_zeros() {
-        let x = Tensor::new(&[[[1f32, 2.], [3., 4.]]], &Device::Cpu).unwrap();
-        let idx = Tensor::new(&[1u32, PAD_TOKEN, 0], &Device::Cpu).unwrap();
-        let y: Vec<Vec<f32>> = x.index_select(&idx, 1).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        assert_eq!(y, vec![vec![3., 4.], vec![0., 0.], vec![1., 2.]]);
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! The model flags that `segment` and `eval` share, and loading a [`Segmenter`] from them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use deris::{BatchCoupling, DerisConfig, Segmenter, Weights};
+
+/// Which model to run, with which tokenizer, where.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint (.pth or .safetensors) of the model named by --config.
+    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
+    pub weights: Option<PathBuf>,
+    /// Demo and testing aid: build the model with random weights from this seed instead of a
+    /// checkpoint. The masks mean nothing.
+    #[arg(long, value_name = "SEED")]
+    pub random_weights: Option<u64>,
+    /// The BEiT-3 sentencepiece model (beit3.spm); its vocabulary must fit the model's.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Built-in model name (deris-b-refcoco, deris-l-refcoco, deris-b-grefcoco,
+    /// deris-l-grefcoco) or a JSON config file.
+    #[arg(long, default_value = "deris-b-refcoco")]
+    pub config: String,
+    /// A query is a referent when its score is above this; without one the answer is "no target"
+    /// [default: the model's, 0.7 for the released models except deris-l-grefcoco's 0.9].
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Let the images of a batch interact as in the authors' code (their `query_SA` attends
+    /// across the batch); by default results do not depend on --batch.
+    #[arg(long)]
+    pub reference_batch_coupling: bool,
+    /// `cpu`, or `cuda` / `cuda:N` (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: super::DeviceArg,
+    /// CPU threads for the model and image decoding [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Caps the worker threads (before any pool starts), then loads config, tokenizer and weights
+    /// and applies --threshold and the batch coupling.
+    pub fn load(&self) -> Result<Segmenter> {
+        let device = self.device.open()?;
+        let cfg = DerisConfig::from_name_or_path(&self.config).with_context(|| format!("loading config '{}'", self.config))?;
+        let weights = match (&self.weights, self.random_weights) {
+            (Some(w), _) => Weights::File(w.clone()),
+            (None, Some(seed)) => Weights::Random { seed },
+            (None, None) => bail!("give --weights FILE (or --random-weights SEED for a demo)"),
+        };
+        let what = match &weights {
+            Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
+            Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
+        };
+        let mut segmenter = Segmenter::load(&cfg, &weights, &self.tokenizer, &device).context(what)?;
+        if let Some(t) = self.threshold {
+            segmenter = segmenter.with_score_threshold(t).context("--threshold")?;
+        }
+        if self.reference_batch_coupling {
+            segmenter = segmenter.with_batch_coupling(BatchCoupling::Reference);
+        }
+        Ok(segmenter)
+    }
+
+    /// Applies --threads; call first, before anything starts a thread pool.
+    pub fn apply_threads(&self) -> Result<()> {
+        let Some(n) = self.threads else { return Ok(()) };
+        ensure!(n > 0, "--threads must be at least 1");
+        // Only the main thread runs at this point, so changing the environment is sound.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+        Ok(())
+    }
+
+    /// The files these flags read, so that no output replaces one of them.
+    pub fn input_paths(&self) -> Vec<&Path> {
+        [self.weights.as_deref(), Some(self.tokenizer.as_path()), Some(Path::new(&self.config))].into_iter().flatten().collect()
+    }
+}
