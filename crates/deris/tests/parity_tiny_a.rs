@@ -65,7 +65,7 @@ fn tiny_a_from_pth() {
 }
 
 /// A batch of 3 different images and texts (different text lengths) gives, in the default mode,
-/// the outputs of three batch-1 runs; the reference coupling makes them depend on each other.
+/// the outputs of three batch-1 runs (to 1e-5 of each tensor's scale); the reference coupling makes them depend on each other.
 #[test]
 fn batch_of_three_equals_three_singles() {
     let g = common::golden();
@@ -115,8 +115,11 @@ fn batch_of_three_equals_three_singles() {
             ("pred_existence", &together.pred_existence, &alone.pred_existence),
             ("query_feat", &together.query_feat, &alone.query_feat),
         ] {
+            // 1e-5 relative to the tensor's scale (mask logits reach ~10): the CPU kernels split
+            // their work by batch size, so sums may round differently, never more than that.
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
             let (d, _) = common::max_abs_diff(&a.narrow(0, i, 1).unwrap(), b);
-            assert!(d <= 1e-5, "sample {i} {name}: batch vs alone differ by {d}");
+            assert!(d <= 1e-5 * scale, "sample {i} {name}: batch vs alone differ by {d} (scale {scale})");
         }
         let (d, _) = common::max_abs_diff(&coupled.pred_refer_logits.narrow(0, i, 1).unwrap(), &alone.pred_refer_logits);
         coupled_differs = coupled_differs.max(d);
