@@ -32,6 +32,7 @@ pub mod pipeline;
 pub mod post;
 pub mod preprocess;
 pub mod taps;
+pub mod train;
 pub mod viz;
 
 pub use config::{BatchCoupling, DerisConfig, Preset};
