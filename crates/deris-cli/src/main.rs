@@ -39,6 +39,10 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Write a synthetic GRES dataset (shapes, referring expressions) in the DeRIS gRefCOCO layout.
     Synth(cmd::synth::Args),
+    /// Segment sentences about a fresh synthetic scene with the embedded model; write overlays.
+    Demo(cmd::demo::Args),
+    /// Train or fine-tune DeRIS from a training config (progress, log, checkpoints, curve).
+    Train(cmd::train::Args),
 }
 
 fn main() {
@@ -54,6 +58,8 @@ fn main() {
         Command::Metrics(a) => cmd::metrics::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Train(a) => cmd::train::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

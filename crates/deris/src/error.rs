@@ -47,6 +47,10 @@ pub enum Error {
     #[error("input '{name}': {reason}")]
     Input { name: String, reason: String },
 
+    /// Training stopped: a non-finite loss or gradient, or data that cannot be used.
+    #[error("training, step {step}: {reason}")]
+    Training { step: u64, reason: String },
+
     /// An error inside the tensor engine.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod cognition;
 pub mod config;
 pub mod data;
+pub mod embedded;
 pub mod error;
 pub mod eval;
 pub mod loopback;

@@ -181,7 +181,7 @@ fn blend(px: &mut [u8], c: [u8; 3], a: u8) {
 }
 
 /// Blends a rectangle, clipped to the image.
-fn fill_rect(img: &mut RgbImage, x: usize, y: usize, rw: usize, rh: usize, c: [u8; 3], a: u8) {
+pub(crate) fn fill_rect(img: &mut RgbImage, x: usize, y: usize, rw: usize, rh: usize, c: [u8; 3], a: u8) {
     let (x1, y1) = ((x + rw).min(img.w), (y + rh).min(img.h));
     for yy in y.min(y1)..y1 {
         for xx in x.min(x1)..x1 {
@@ -192,7 +192,7 @@ fn fill_rect(img: &mut RgbImage, x: usize, y: usize, rw: usize, rh: usize, c: [u
 }
 
 /// Draws ASCII text with the top-left corner of the first glyph at `(x, y)`, clipped.
-fn draw_text(img: &mut RgbImage, x: usize, y: usize, text: &str, scale: usize, c: [u8; 3]) {
+pub(crate) fn draw_text(img: &mut RgbImage, x: usize, y: usize, text: &str, scale: usize, c: [u8; 3]) {
     for (k, ch) in text.chars().enumerate() {
         let gx = x + k * ADVANCE * scale;
         if gx >= img.w {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod demo;
 pub mod dump;
 pub mod eval;
 pub mod metrics;
@@ -10,6 +11,7 @@ pub mod prepare;
 pub mod segment;
 pub mod synth;
 pub mod tokenize;
+pub mod train;
 
 use std::str::FromStr;
 

@@ -5,23 +5,29 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use deris::{BatchCoupling, DerisConfig, Segmenter, Weights};
 
-/// Which model to run, with which tokenizer, where.
+/// The config of --weights when --config is not given.
+const DEFAULT_CONFIG: &str = "deris-b-refcoco";
+
+/// Which model to run, with which tokenizer, where. With no --weights and no --random-weights,
+/// the embedded default model ([`deris::embedded`]: a tiny model trained on `deris synth` scenes).
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
-    /// Checkpoint (.pth or .safetensors) of the model named by --config.
-    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
+    /// Checkpoint (.pth or .safetensors) of the model named by --config [default: the embedded
+    /// synth-tiny model].
+    #[arg(long, conflicts_with = "random_weights")]
     pub weights: Option<PathBuf>,
     /// Demo and testing aid: build the model with random weights from this seed instead of a
     /// checkpoint. The masks mean nothing.
     #[arg(long, value_name = "SEED")]
     pub random_weights: Option<u64>,
-    /// The BEiT-3 sentencepiece model (beit3.spm); its vocabulary must fit the model's.
+    /// The BEiT-3 sentencepiece model (beit3.spm) of --weights; its vocabulary must fit the model's.
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// Built-in model name (deris-b-refcoco, deris-l-refcoco, deris-b-grefcoco,
-    /// deris-l-grefcoco) or a JSON config file.
-    #[arg(long, default_value = "deris-b-refcoco")]
-    pub config: String,
+    /// deris-l-grefcoco) or a JSON config file, for --weights / --random-weights
+    /// [default: deris-b-refcoco].
+    #[arg(long)]
+    pub config: Option<String>,
     /// A query is a referent when its score is above this; without one the answer is "no target"
     /// [default: the model's, 0.7 for the released models except deris-l-grefcoco's 0.9].
     #[arg(long)]
@@ -43,17 +49,27 @@ impl ModelArgs {
     /// and applies --threshold and the batch coupling.
     pub fn load(&self) -> Result<Segmenter> {
         let device = self.device.open()?;
-        let cfg = DerisConfig::from_name_or_path(&self.config).with_context(|| format!("loading config '{}'", self.config))?;
         let weights = match (&self.weights, self.random_weights) {
-            (Some(w), _) => Weights::File(w.clone()),
-            (None, Some(seed)) => Weights::Random { seed },
-            (None, None) => bail!("give --weights FILE (or --random-weights SEED for a demo)"),
+            (Some(w), _) => Some(Weights::File(w.clone())),
+            (None, Some(seed)) => Some(Weights::Random { seed }),
+            (None, None) => None,
         };
-        let what = match &weights {
-            Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
-            Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
+        let mut segmenter = match (weights, &self.tokenizer) {
+            (None, _) => {
+                ensure!(self.config.is_none(), "--config needs --weights (or --random-weights); without them the embedded model runs");
+                deris::embedded::segmenter(&device).context("loading the embedded default model")?
+            }
+            (Some(_), None) => bail!("--weights and --random-weights need --tokenizer (the model's beit3.spm)"),
+            (Some(weights), Some(tokenizer)) => {
+                let name = self.config.as_deref().unwrap_or(DEFAULT_CONFIG);
+                let cfg = DerisConfig::from_name_or_path(name).with_context(|| format!("loading config '{name}'"))?;
+                let what = match &weights {
+                    Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
+                    Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
+                };
+                Segmenter::load(&cfg, &weights, tokenizer, &device).context(what)?
+            }
         };
-        let mut segmenter = Segmenter::load(&cfg, &weights, &self.tokenizer, &device).context(what)?;
         if let Some(t) = self.threshold {
             segmenter = segmenter.with_score_threshold(t).context("--threshold")?;
         }
@@ -76,6 +92,6 @@ impl ModelArgs {
 
     /// The files these flags read, so that no output replaces one of them.
     pub fn input_paths(&self) -> Vec<&Path> {
-        [self.weights.as_deref(), Some(self.tokenizer.as_path()), Some(Path::new(&self.config))].into_iter().flatten().collect()
+        [self.weights.as_deref(), self.tokenizer.as_deref(), self.config.as_deref().map(Path::new)].into_iter().flatten().collect()
     }
 }

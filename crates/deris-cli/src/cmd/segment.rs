@@ -240,7 +240,7 @@ fn write_outputs(job: &Job, image: &RgbImage, p: &Prediction, protected: &HashSe
     write_file(&job.dir.join("result.json"), text.as_bytes(), protected)
 }
 
-fn encode_png(data: &[u8], w: usize, h: usize, color: image::ExtendedColorType) -> Result<Vec<u8>> {
+pub(super) fn encode_png(data: &[u8], w: usize, h: usize, color: image::ExtendedColorType) -> Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut buf = Vec::new();
     image::codecs::png::PngEncoder::new(&mut buf)
@@ -251,7 +251,7 @@ fn encode_png(data: &[u8], w: usize, h: usize, color: image::ExtendedColorType) 
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path`; refuses when
 /// `path` is one of the inputs.
-fn write_file(path: &Path, bytes: &[u8], protected: &HashSet<PathBuf>) -> Result<()> {
+pub(super) fn write_file(path: &Path, bytes: &[u8], protected: &HashSet<PathBuf>) -> Result<()> {
     if let Ok(existing) = std::fs::canonicalize(path) {
         ensure!(!protected.contains(&existing), "refusing to overwrite the input file {}", path.display());
     }

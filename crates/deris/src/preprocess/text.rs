@@ -16,6 +16,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+pub use super::spm::train::WordUnigramOptions;
+use super::spm::train::train_word_unigram;
 use super::spm::SentencePiece;
 use crate::error::{Error, Result};
 
@@ -62,10 +64,27 @@ impl Tokenizer {
     /// unigram model (truncated, garbage, BPE, byte fallback, no unknown piece, ...).
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
-        let spm = SentencePiece::from_bytes(&bytes)
-            .map_err(|reason| Error::Tokenizer { path: path.to_path_buf(), reason })?;
-        tracing::info!(path = %path.display(), pieces = spm.len(), "loaded sentencepiece model");
+        let tok = Self::from_bytes(&bytes, path)?;
+        tracing::info!(path = %path.display(), pieces = tok.spm.len(), "loaded sentencepiece model");
+        Ok(tok)
+    }
+
+    /// Loads a sentencepiece unigram model from memory; `name` only labels errors.
+    ///
+    /// Errors: [`Error::Tokenizer`] if the bytes are not a valid unigram model.
+    pub fn from_bytes(bytes: &[u8], name: &Path) -> Result<Self> {
+        let spm = SentencePiece::from_bytes(bytes).map_err(|reason| Error::Tokenizer { path: name.to_path_buf(), reason })?;
         Ok(Self { spm })
+    }
+
+    /// Makes a word-level unigram model of `sentences` (cleaned with [`clean_string`] first) for
+    /// a model trained from scratch: the tokenizer and its `.spm` file bytes (see
+    /// [`super::spm::train`]).
+    pub fn train_word_level<S: AsRef<str>>(sentences: &[S], opts: WordUnigramOptions) -> Result<(Self, Vec<u8>)> {
+        let cleaned: Vec<String> = sentences.iter().map(|s| clean_string(s.as_ref())).collect();
+        let bytes = train_word_unigram(&cleaned, opts);
+        let tok = Self::from_bytes(&bytes, Path::new("<trained tokenizer>"))?;
+        Ok((tok, bytes))
     }
 
     /// `XLMRobertaTokenizer.vocab_size`: the sentencepiece pieces, the fairseq offset and `<mask>`.

@@ -7,6 +7,7 @@
 
 mod normalizer;
 mod proto;
+pub mod train;
 
 use std::collections::HashMap;
 

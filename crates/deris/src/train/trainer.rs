@@ -1,0 +1,404 @@
+//! The training loop (TRAIN-EVAL-SPEC §6.6): per batch, build the model on the current weights,
+//! forward, the DeRIS loss, backward, clip, Adam; validation, checkpoints, a JSONL log and the
+//! curve picture around it.
+//!
+//! Every random draw (data order, NSC, sentence choice, flips, loss points) is keyed by the seed
+//! and the step or sample, and checkpoints hold the weights, Adam's state and the history, so a
+//! resumed run continues exactly as the uninterrupted run would have.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::{json, Value};
+
+use super::config::TrainConfig;
+use super::data::{Batch, Prefetcher, TrainData};
+use super::loss::deris_loss;
+use super::optim::Adam;
+use super::params::{Group, TrainableWeights};
+use super::state::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainerState};
+use crate::config::DerisConfig;
+use crate::data::nsc::{Nsc, NscBank, NscConfig, NscStats};
+use crate::data::rng::SplitMix64;
+use crate::data::{AnnotationSource, Layout, Split};
+use crate::error::{Error, Result};
+use crate::eval::protocol::{evaluate, EvalOptions, Task};
+use crate::model::Deris;
+use crate::pipeline::Segmenter;
+use crate::preprocess::text::{Tokenizer, WordUnigramOptions};
+use crate::taps::Taps;
+
+/// Separates the loss's point draws from other users of the seed.
+const LOSS_STREAM: u64 = u64::from_le_bytes(*b"DeRISlss");
+
+/// What the loop reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The run is set up: total steps, steps per epoch, the step it starts at (0 or resumed).
+    Start { total_steps: u64, steps_per_epoch: u64, first_step: u64, trainable: usize },
+    /// After each step.
+    Step(&'a StepRecord),
+    /// A validation started / finished.
+    EvalStart { step: u64, samples: usize },
+    Eval(&'a Value),
+    /// A checkpoint was written.
+    Checkpoint(&'a Path),
+}
+
+/// One step's numbers (a line of the JSONL log every `log_every` steps).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub terms: std::collections::BTreeMap<String, f64>,
+    pub grad_norm: f64,
+    pub clipped: bool,
+    pub samples: usize,
+    pub nsc_converted: u64,
+    pub nsc_eligible: u64,
+    pub seconds: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub last_eval: Option<Value>,
+    pub nsc: NscStats,
+    pub seconds: f64,
+    /// The final model folder: `model.safetensors`, `config.json`, `tokenizer.spm`.
+    pub model_dir: PathBuf,
+}
+
+/// A training run.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model_cfg: DerisConfig,
+    out_dir: PathBuf,
+    weights: TrainableWeights,
+    optim: Adam,
+    data: Arc<TrainData>,
+    val: Option<Split>,
+    tokenizer: Tokenizer,
+    tokenizer_bytes: Vec<u8>,
+    state: TrainerState,
+    nsc_total: NscStats,
+    device: Device,
+}
+
+impl Trainer {
+    /// Sets up a run writing into `out_dir`; with `resume` (a checkpoint folder, or a run's
+    /// `checkpoints` folder) it continues that run, whose config must be the same.
+    pub fn new(cfg: TrainConfig, out_dir: &Path, resume: Option<&Path>, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let model_cfg = cfg.model_config()?;
+        std::fs::create_dir_all(out_dir).map_err(|err| Error::Io { path: out_dir.to_path_buf(), err })?;
+
+        let source = data_source(&cfg)?;
+        let train_split = source.read_split(&cfg.data.train_split).map_err(|e| data_error("data.train_split", e))?;
+        let samples: Vec<_> = train_split.samples.iter().flat_map(|s| s.per_sentence()).collect();
+        let val = match &cfg.data.val_split {
+            Some(name) => Some(source.read_split(name).map_err(|e| data_error("data.val_split", e))?),
+            None => None,
+        };
+
+        let (tokenizer, tokenizer_bytes) = match &cfg.tokenizer {
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(|err| Error::Io { path: p.clone(), err })?;
+                (Tokenizer::from_bytes(&bytes, p)?, bytes)
+            }
+            None => {
+                let sentences: Vec<&str> = train_split.samples.iter().flat_map(|s| s.expressions.iter().map(String::as_str)).collect();
+                Tokenizer::train_word_level(&sentences, WordUnigramOptions::default())?
+            }
+        };
+        if tokenizer.xlmr_vocab_size() > model_cfg.beit3.vocab_size {
+            return Err(Error::Config {
+                field: "beit3.vocab_size".into(),
+                reason: format!("the tokenizer has {} ids; the model embeds only {}", tokenizer.xlmr_vocab_size(), model_cfg.beit3.vocab_size),
+            });
+        }
+
+        let nsc = if cfg.nsc.enabled {
+            let bank = match &cfg.nsc.bank {
+                Some(p) => NscBank::load(p).map_err(|e| data_error("nsc.bank", e))?,
+                None => NscBank::from_samples(&train_split.samples),
+            };
+            Some(Nsc::new(NscConfig { rate: cfg.nsc.rate, threshold: cfg.nsc.threshold, ..NscConfig::default() }, bank))
+        } else {
+            None
+        };
+        let data = Arc::new(TrainData::new(samples, tokenizer.clone(), &model_cfg, nsc, cfg.augment, device)?);
+
+        let frozen = frozen_rule(&cfg.freeze);
+        let (tensors, state, optim_state) = match resume {
+            Some(path) => {
+                let ck = load_checkpoint(path, device)?;
+                let saved: TrainConfig = serde_json::from_value(ck.state.config.clone())
+                    .map_err(|e| Error::Config { field: "resume".into(), reason: format!("the checkpoint's training config is unreadable: {e}") })?;
+                if !same_run(&saved, &cfg) {
+                    return Err(Error::Config {
+                        field: "resume".into(),
+                        reason: format!("{} was written by a run with another config (only max_steps, max_minutes and epochs may change)", path.display()),
+                    });
+                }
+                (ck.weights, ck.state, Some((ck.optim_tensors, ck.optim_steps)))
+            }
+            None => {
+                let w = match &cfg.init.weights {
+                    Some(p) => TrainableWeights::load(p, &model_cfg, device)?,
+                    None => TrainableWeights::init(&model_cfg, cfg.init.seed, device)?,
+                };
+                let config = serde_json::to_value(&cfg).map_err(|e| Error::Config { field: "config".into(), reason: e.to_string() })?;
+                (w.to_tensors(), TrainerState { step: 0, epoch: 0, batch_in_epoch: 0, seed: cfg.seed, config, history: Vec::new() }, None)
+            }
+        };
+        let weights = TrainableWeights::from_tensors(tensors, &frozen)?;
+        let params = weights
+            .trainable()
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone(), lr_scale(&cfg, name)))
+            .collect();
+        let mut optim = Adam::new(params, cfg.optimizer.clone());
+        if let Some((tensors, steps)) = optim_state {
+            optim.load_state(tensors, steps)?;
+        }
+        Ok(Self {
+            cfg,
+            model_cfg,
+            out_dir: out_dir.to_path_buf(),
+            weights,
+            optim,
+            data,
+            val,
+            tokenizer,
+            tokenizer_bytes,
+            state,
+            nsc_total: NscStats::default(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.data.batches_per_epoch(self.cfg.batch_size) as u64
+    }
+
+    /// Steps of the whole run.
+    pub fn total_steps(&self) -> u64 {
+        let by_epochs = self.steps_per_epoch() * self.cfg.epochs as u64;
+        match self.cfg.max_steps {
+            Some(m) if self.cfg.epochs == 0 => m,
+            Some(m) => m.min(by_epochs),
+            None => by_epochs,
+        }
+    }
+
+    /// The history so far (step and eval records, as in the JSONL log).
+    pub fn history(&self) -> &[Value] {
+        &self.state.history
+    }
+
+    /// Trains to the end (or `max_minutes`), validating and checkpointing on the way.
+    ///
+    /// Errors: [`Error::Training`] for a non-finite loss or gradient norm (the last good weights
+    /// are saved first, and the message names the step and the batch's samples); data, I/O and
+    /// tensor errors as they come.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let spe = self.steps_per_epoch();
+        let total = self.total_steps();
+        let eval_every = self.cfg.eval_every.unwrap_or(spe).max(1);
+        let mut log = open_log(&self.out_dir.join("log.jsonl"))?;
+        on_event(Event::Start { total_steps: total, steps_per_epoch: spe, first_step: self.state.step, trainable: self.weights.num_trainable() });
+        let mut last_eval = None;
+        let mut timed_out = false;
+        while self.state.step < total && !timed_out {
+            let epoch = self.state.step / spe;
+            let first = (self.state.step % spe) as usize;
+            let last = (spe.min(first as u64 + total - self.state.step)) as usize;
+            let mut batches = Prefetcher::start(self.data.clone(), self.state.seed, epoch, self.cfg.batch_size, first, last, 2);
+            while let Some((b, batch)) = batches.next_batch() {
+                let batch = batch?;
+                let t0 = Instant::now();
+                let record = self.step(&batch, epoch, b)?;
+                let record = StepRecord { seconds: t0.elapsed().as_secs_f64(), ..record };
+                on_event(Event::Step(&record));
+                if record.step % self.cfg.log_every == 0 || record.step == total {
+                    let line = json!({"type": "step", "record": record});
+                    writeln!(log, "{line}").map_err(|err| Error::Io { path: self.out_dir.join("log.jsonl"), err })?;
+                    self.state.history.push(line);
+                }
+                let out_of_time = self.cfg.max_minutes.is_some_and(|m| start.elapsed().as_secs_f64() > m * 60.0);
+                let end = record.step == total || out_of_time;
+                if record.step % eval_every == 0 || end {
+                    if let Some(v) = self.validate(on_event)? {
+                        writeln!(log, "{v}").map_err(|err| Error::Io { path: self.out_dir.join("log.jsonl"), err })?;
+                        self.state.history.push(v.clone());
+                        last_eval = Some(v);
+                    }
+                }
+                if record.step % self.cfg.checkpoint_every == 0 || end {
+                    let path = self.checkpoint()?;
+                    on_event(Event::Checkpoint(&path));
+                }
+                if out_of_time {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        let model_dir = self.export(&self.out_dir.join("model"))?;
+        super::curve::write_curve(&self.state.history, &self.out_dir.join("curve.png"))?;
+        Ok(TrainSummary { steps: self.state.step, last_eval, nsc: self.nsc_total, seconds: start.elapsed().as_secs_f64(), model_dir })
+    }
+
+    /// One optimisation step on `batch` (batch number `b` of `epoch`).
+    fn step(&mut self, batch: &Batch, epoch: u64, b: usize) -> Result<StepRecord> {
+        let step = self.state.step + 1;
+        let model = self.weights.build(&self.model_cfg)?;
+        let out = model.forward(&batch.inputs, self.model_cfg.runtime.batch_coupling, &mut Taps::off())?;
+        let mut rng = SplitMix64::from_key(&[LOSS_STREAM, self.state.seed, step]);
+        let loss = deris_loss(&out, &batch.targets, &self.cfg.loss, &mut rng)?;
+        let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(self.stop(step, b, batch, &format!("the loss is {value}")));
+        }
+        let grads = loss.total.backward()?;
+        let mut sq = 0f64;
+        for var in self.weights.trainable().values() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        if !sq.is_finite() {
+            return Err(self.stop(step, b, batch, "the gradient norm is not finite"));
+        }
+        let factor = self.cfg.schedule.factor(epoch as usize);
+        let stats = self.optim.step(&grads, factor)?;
+        self.state.step = step;
+        self.state.epoch = epoch;
+        self.state.batch_in_epoch = b as u64 + 1;
+        self.nsc_total.converted += batch.nsc.converted;
+        self.nsc_total.eligible += batch.nsc.eligible;
+        self.nsc_total.gave_up += batch.nsc.gave_up;
+        self.nsc_total.no_target += batch.nsc.no_target;
+        Ok(StepRecord {
+            step,
+            epoch,
+            lr: self.cfg.optimizer.lr * factor,
+            loss: value,
+            terms: loss.terms,
+            grad_norm: stats.grad_norm,
+            clipped: stats.clipped,
+            samples: batch.indices.len(),
+            nsc_converted: batch.nsc.converted,
+            nsc_eligible: batch.nsc.eligible,
+            seconds: 0.0,
+        })
+    }
+
+    /// The error of a stopped run, after saving the last good weights.
+    fn stop(&self, step: u64, b: usize, batch: &Batch, what: &str) -> Error {
+        let saved = match self.checkpoint() {
+            Ok(p) => format!("the last good weights are in {}", p.display()),
+            Err(e) => format!("saving the last good weights failed too: {e}"),
+        };
+        Error::Training { step, reason: format!("{what} on batch {b} of epoch {} (samples {:?}); {saved}", self.state.epoch, batch.indices) }
+    }
+
+    fn checkpoint(&self) -> Result<PathBuf> {
+        let dir = self.out_dir.join("checkpoints");
+        let path = save_checkpoint(&dir, &self.weights.to_tensors(), &self.optim, &self.state)?;
+        prune_checkpoints(&dir, self.cfg.keep_checkpoints.max(1))?;
+        Ok(path)
+    }
+
+    /// A model on detached copies of the current weights (no gradient bookkeeping).
+    fn inference_model(&self) -> Result<Deris> {
+        let tensors: std::collections::HashMap<String, Tensor> =
+            self.weights.to_tensors().into_iter().map(|(k, v)| (k, v.detach())).collect();
+        Ok(Deris::new(&self.model_cfg, VarBuilder::from_tensors(tensors, DType::F32, &self.device))?)
+    }
+
+    /// Validation on the val split (the config's score threshold, the reference protocol).
+    fn validate(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Option<Value>> {
+        let Some(split) = &self.val else { return Ok(None) };
+        let segmenter = Segmenter::new(self.inference_model()?, self.tokenizer.clone(), self.device.clone())?;
+        let mut options = EvalOptions::new(Task::for_layout(split.layout));
+        options.limit = self.cfg.data.val_limit;
+        options.batch_size = self.cfg.batch_size.max(8);
+        on_event(Event::EvalStart { step: self.state.step, samples: options.limit.unwrap_or(usize::MAX).min(split.len()) });
+        let report = evaluate(&segmenter, split, &options, |_| Ok::<(), Error>(()))
+            .map_err(|e| Error::Training { step: self.state.step, reason: format!("validation: {e}") })?;
+        let v = json!({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "split": report.split,
+                       "samples": report.evaluated, "metrics": report.summary_json(), "seconds": report.seconds});
+        on_event(Event::Eval(&v));
+        Ok(Some(v))
+    }
+
+    /// Writes a ready-to-use model folder: weights, model config, tokenizer.
+    pub fn export(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
+        crate::checkpoint::save_safetensors(&self.weights.to_tensors(), &dir.join("model.safetensors"))?;
+        write_file(&dir.join("config.json"), self.model_cfg.to_json().as_bytes())?;
+        write_file(&dir.join("tokenizer.spm"), &self.tokenizer_bytes)?;
+        Ok(dir.to_path_buf())
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).map_err(|err| Error::Io { path: path.to_path_buf(), err })
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })
+}
+
+/// A parameter is frozen when its name contains one of `freeze`.
+fn frozen_rule(freeze: &[String]) -> impl Fn(&str) -> bool + '_ {
+    move |name: &str| freeze.iter().any(|f| name.contains(f.as_str()))
+}
+
+fn lr_scale(cfg: &TrainConfig, name: &str) -> f64 {
+    cfg.lr_scales.get(Group::of(name).name()).copied().unwrap_or(1.0)
+}
+
+/// Two configs describe the same run when only the stopping rules differ.
+fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
+    let strip = |c: &TrainConfig| TrainConfig { max_steps: None, max_minutes: None, epochs: 0, ..c.clone() };
+    strip(a) == strip(b)
+}
+
+fn data_source(cfg: &TrainConfig) -> Result<AnnotationSource> {
+    let mut source = AnnotationSource::new(&cfg.data.annotations, &cfg.data.image_root);
+    if let Some(name) = &cfg.data.layout {
+        let layout = match name.as_str() {
+            "seqtr_mixed_seg" => Layout::SeqtrMixedSeg,
+            "deris_grefs" => Layout::DerisGrefs,
+            "refer_pickle" => Layout::ReferPickle,
+            "rela_grefs" => Layout::RelaGrefs,
+            other => {
+                return Err(Error::Config {
+                    field: "data.layout".into(),
+                    reason: format!("unknown layout {other:?} (seqtr_mixed_seg, deris_grefs, refer_pickle, rela_grefs)"),
+                })
+            }
+        };
+        source = source.with_layout(layout);
+    }
+    if let Some(i) = &cfg.data.instances {
+        source = source.with_instances(i);
+    }
+    Ok(source)
+}
+
+fn data_error(field: &str, e: impl std::fmt::Display) -> Error {
+    Error::Config { field: field.into(), reason: e.to_string() }
+}
