@@ -70,6 +70,9 @@ struct Slot {
 }
 
 /// `torch.optim.Adam` over named parameters, each with its group's lr multiplier.
+///
+/// The update is written into each `Var`'s storage in place: tensors cloned from the variables
+/// (for example a weights map for [`super::state::save_checkpoint`]) see later steps.
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
@@ -127,6 +130,17 @@ impl Adam {
     pub fn step(&mut self, grads: &GradStore, lr_factor: f64) -> candle_core::Result<StepStats> {
         let present: Vec<(usize, &Tensor)> =
             self.slots.iter().enumerate().filter_map(|(i, s)| grads.get(s.var.as_tensor()).map(|g| (i, g))).collect();
+        for &(i, grad) in &present {
+            let s = &self.slots[i];
+            if grad.shape() != s.var.shape() {
+                candle_core::bail!(
+                    "Adam step: the gradient of '{}' has shape {:?}, the parameter {:?}; no parameter was updated",
+                    s.name,
+                    grad.dims(),
+                    s.var.dims()
+                );
+            }
+        }
         let grad_norm = global_norm(present.iter().map(|(_, g)| *g))?;
         if !grad_norm.is_finite() {
             candle_core::bail!("Adam step: the gradient norm is {grad_norm}; no parameter was updated");
@@ -140,14 +154,6 @@ impl Adam {
         let cfg = self.cfg.clone();
         for (i, grad) in present {
             let slot = &mut self.slots[i];
-            if grad.shape() != slot.var.shape() {
-                candle_core::bail!(
-                    "Adam step: gradient of '{}' has shape {:?}, the parameter {:?}",
-                    slot.name,
-                    grad.dims(),
-                    slot.var.dims()
-                );
-            }
             let mut g = grad.detach().to_dtype(DType::F32)?;
             if clipped {
                 g = (g * clip_coef)?;
