@@ -105,7 +105,7 @@ pub fn uncertain_points(
     importance_sample_ratio: f64,
     rng: &mut SplitMix64,
 ) -> Result<Tensor> {
-    if !(oversample_ratio >= 1.0) || !(0.0..=1.0).contains(&importance_sample_ratio) {
+    if !(1.0..).contains(&oversample_ratio) || !(0.0..=1.0).contains(&importance_sample_ratio) {
         bail!(
             "uncertain_points: need oversample_ratio >= 1 and importance_sample_ratio in [0, 1], \
              got {oversample_ratio} and {importance_sample_ratio}"
@@ -181,10 +181,10 @@ mod tests {
         let got = point_sample(&maps, &points).unwrap().to_vec2::<f32>().unwrap();
         for ki in 0..k {
             let map = &data[ki * h * w..(ki + 1) * h * w];
-            for pi in 0..p {
+            for (pi, &g) in got[ki].iter().enumerate() {
                 let at = (ki * p + pi) * 2;
                 let want = scalar_sample(map, h, w, pts[at], pts[at + 1]);
-                assert!((got[ki][pi] as f64 - want).abs() < 1e-5, "k{ki} p{pi}: {} vs {want}", got[ki][pi]);
+                assert!((g as f64 - want).abs() < 1e-5, "k{ki} p{pi}: {g} vs {want}");
             }
         }
         // a constant map: 1 inside, ¼ at an image corner, ½ on an edge midpoint
