@@ -1,0 +1,411 @@
+//! The training objective (TRAIN-EVAL-SPEC §5) against an independent scalar oracle: every
+//! sampled value, cost, assignment and loss term is recomputed here in f64 from the formulas of
+//! the spec (grid_sample with zero padding, brute-force assignment, weighted CE, point BCE and
+//! dice, clamped existence BCE), replaying the loss's documented random draws.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use deris::data::rng::SplitMix64;
+use deris::loopback::RoundOutput;
+use deris::train::loss::{deris_loss, LossConfig, Target};
+use deris::train::matcher::match_round;
+use deris::train::points::uniform_points;
+use deris::DerisOutput;
+
+const H: usize = 8;
+const W: usize = 8;
+const N: usize = 3;
+
+type Map = Vec<f64>; // H·W, row-major
+
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `grid_sample(bilinear, zeros, align_corners=False)` at one normalised point.
+fn sample(map: &[f64], h: usize, w: usize, x: f64, y: f64) -> f64 {
+    let u = x * w as f64 - 0.5;
+    let v = y * h as f64 - 0.5;
+    let (u0, v0) = (u.floor(), v.floor());
+    let px = |c: f64, r: f64| {
+        if c < 0.0 || r < 0.0 || c >= w as f64 || r >= h as f64 {
+            0.0
+        } else {
+            map[r as usize * w + c as usize]
+        }
+    };
+    let (fu, fv) = (u - u0, v - v0);
+    px(u0, v0) * (1.0 - fu) * (1.0 - fv)
+        + px(u0 + 1.0, v0) * fu * (1.0 - fv)
+        + px(u0, v0 + 1.0) * (1.0 - fu) * fv
+        + px(u0 + 1.0, v0 + 1.0) * fu * fv
+}
+
+/// Bilinear upsampling with `align_corners=True`, one axis at a time.
+fn upsample_ac(src: &[f64], hi: usize, wi: usize, ho: usize, wo: usize) -> Map {
+    let taps = |o: usize, n_in: usize, n_out: usize| {
+        let s = if n_out > 1 { o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 };
+        let i0 = (s.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        (i0, i1, s - i0 as f64)
+    };
+    let mut out = vec![0.0; ho * wo];
+    for r in 0..ho {
+        let (r0, r1, fr) = taps(r, hi, ho);
+        for c in 0..wo {
+            let (c0, c1, fc) = taps(c, wi, wo);
+            let top = src[r0 * wi + c0] * (1.0 - fc) + src[r0 * wi + c1] * fc;
+            let bot = src[r1 * wi + c0] * (1.0 - fc) + src[r1 * wi + c1] * fc;
+            out[r * wo + c] = top * (1.0 - fr) + bot * fr;
+        }
+    }
+    out
+}
+
+fn points_vec(t: &Tensor) -> Vec<[f64; 2]> {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.chunks(2).map(|c| [c[0] as f64, c[1] as f64]).collect()
+}
+
+/// One prediction round as plain numbers: `masks[b][q]` at H×W, `refer[b][q]` logits.
+struct Round {
+    masks: Vec<Vec<Map>>,
+    refer: Vec<Vec<[f64; 2]>>,
+}
+
+/// The oracle's three terms of a round; draws exactly what the loss draws, in the same order.
+fn oracle_round(round: &Round, targets: &[Vec<Map>], cfg: &LossConfig, num_masks: f64, rng: &mut SplitMix64) -> [f64; 3] {
+    let p = cfg.num_points;
+    let p_ref = |b: usize, q: usize| {
+        let [a, c] = round.refer[b][q];
+        (a.exp()) / (a.exp() + c.exp())
+    };
+    // matching: brute force over injective maps target → query (M ≤ N here)
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::new(); // (image, query, target)
+    for (b, tg) in targets.iter().enumerate() {
+        let m = tg.len();
+        if m == 0 {
+            continue;
+        }
+        let pts = points_vec(&uniform_points(1, p, rng).unwrap());
+        let x: Vec<Vec<f64>> = (0..N).map(|q| pts.iter().map(|&[px, py]| sample(&round.masks[b][q], H, W, px, py)).collect()).collect();
+        let y: Vec<Vec<f64>> = tg.iter().map(|t| pts.iter().map(|&[px, py]| sample(t, H, W, px, py)).collect()).collect();
+        let cost = |q: usize, t: usize| {
+            let bce: f64 = (0..p).map(|i| y[t][i] * softplus(-x[q][i]) + (1.0 - y[t][i]) * softplus(x[q][i])).sum::<f64>() / p as f64;
+            let s: Vec<f64> = x[q].iter().map(|&v| sigmoid(v)).collect();
+            let inter: f64 = (0..p).map(|i| s[i] * y[t][i]).sum();
+            let dice = 1.0 - (2.0 * inter + 1.0) / (s.iter().sum::<f64>() + y[t].iter().sum::<f64>() + 1.0);
+            5.0 * bce - 2.0 * p_ref(b, q) + 5.0 * dice
+        };
+        let mut best = (f64::INFINITY, Vec::new());
+        let mut assign = vec![0usize; m];
+        fn rec(t: usize, m: usize, assign: &mut Vec<usize>, best: &mut (f64, Vec<usize>), cost: &dyn Fn(usize, usize) -> f64) {
+            if t == m {
+                let c: f64 = (0..m).map(|j| cost(assign[j], j)).sum();
+                if c < best.0 {
+                    *best = (c, assign.clone());
+                }
+                return;
+            }
+            for q in 0..N {
+                if !assign[..t].contains(&q) {
+                    assign[t] = q;
+                    rec(t + 1, m, assign, best, cost);
+                }
+            }
+        }
+        rec(0, m, &mut assign, &mut best, &cost);
+        let mut image_pairs: Vec<(usize, usize, usize)> = best.1.iter().enumerate().map(|(t, &q)| (b, q, t)).collect();
+        image_pairs.sort();
+        pairs.extend(image_pairs);
+    }
+
+    // weighted CE
+    let (mut num, mut den) = (0.0, 0.0);
+    for b in 0..targets.len() {
+        for q in 0..N {
+            let matched = pairs.iter().any(|&(pb, pq, _)| pb == b && pq == q);
+            let (wt, pr) = if matched { (1.0, p_ref(b, q)) } else { (cfg.no_object_weight, 1.0 - p_ref(b, q)) };
+            num += wt * -pr.ln();
+            den += wt;
+        }
+    }
+    let cls = num / den;
+
+    // mask terms with importance sampling: candidates of all pairs, then fresh points of all pairs
+    let k = pairs.len();
+    if k == 0 {
+        return [cls, 0.0, 0.0];
+    }
+    let s_count = (p as f64 * cfg.oversample_ratio) as usize;
+    let n_unc = (cfg.importance_sample_ratio * p as f64) as usize;
+    let cand = points_vec(&uniform_points(k, s_count, rng).unwrap());
+    let fresh = points_vec(&uniform_points(k, p - n_unc, rng).unwrap());
+    let (mut bce_sum, mut dice_sum) = (0.0, 0.0);
+    for (j, &(b, q, t)) in pairs.iter().enumerate() {
+        let map = &round.masks[b][q];
+        let cj = &cand[j * s_count..(j + 1) * s_count];
+        let mut order: Vec<usize> = (0..s_count).collect();
+        let unc: Vec<f64> = cj.iter().map(|&[px, py]| sample(map, H, W, px, py).abs()).collect();
+        order.sort_by(|&a, &c| unc[a].total_cmp(&unc[c]));
+        let pts: Vec<[f64; 2]> = order[..n_unc].iter().map(|&i| cj[i]).chain(fresh[j * (p - n_unc)..(j + 1) * (p - n_unc)].iter().copied()).collect();
+        let x: Vec<f64> = pts.iter().map(|&[px, py]| sample(map, H, W, px, py)).collect();
+        let y: Vec<f64> = pts.iter().map(|&[px, py]| sample(&targets[b][t], H, W, px, py)).collect();
+        bce_sum += (0..p).map(|i| softplus(x[i]) - x[i] * y[i]).sum::<f64>() / p as f64;
+        let s: Vec<f64> = x.iter().map(|&v| sigmoid(v)).collect();
+        let inter: f64 = (0..p).map(|i| s[i] * y[i]).sum();
+        dice_sum += 1.0 - (2.0 * inter + 1.0) / (s.iter().sum::<f64>() + y.iter().sum::<f64>() + 1.0);
+    }
+    [cls, bce_sum / num_masks, dice_sum / num_masks]
+}
+
+fn t4(v: &[Vec<Map>], h: usize, w: usize) -> Tensor {
+    let flat: Vec<f32> = v.iter().flatten().flatten().map(|&x| x as f32).collect();
+    Tensor::from_vec(flat, (v.len(), v[0].len(), h, w), &Device::Cpu).unwrap()
+}
+
+fn t3(v: &[Vec<[f64; 2]>]) -> Tensor {
+    let flat: Vec<f32> = v.iter().flatten().flatten().map(|&x| x as f32).collect();
+    Tensor::from_vec(flat, (v.len(), v[0].len(), 2), &Device::Cpu).unwrap()
+}
+
+fn target_tensor(masks: &[Map]) -> Target {
+    let flat: Vec<f32> = masks.iter().flatten().map(|&x| x as f32).collect();
+    Target { masks: Tensor::from_vec(flat, (masks.len(), H, W), &Device::Cpu).unwrap() }
+}
+
+fn map(f: impl Fn(usize, usize) -> f64) -> Map {
+    (0..H * W).map(|i| f(i / W, i % W)).collect()
+}
+
+fn output(final_masks: Tensor, refer: Tensor, existence: Tensor, aux: Vec<(Tensor, Tensor)>) -> DerisOutput {
+    let (b, n) = (refer.dim(0).unwrap(), refer.dim(1).unwrap());
+    let zeros = |c: usize| Tensor::zeros((b, n, c), DType::F32, &Device::Cpu).unwrap();
+    DerisOutput {
+        pred_masks: final_masks,
+        pred_boxes: zeros(4),
+        pred_refer_logits: refer,
+        pred_logits_perception: zeros(2),
+        pred_existence: existence,
+        query_feat: zeros(8),
+        aux: aux
+            .into_iter()
+            .map(|(m, r)| RoundOutput { pred_masks_lowres: m, pred_boxes: zeros(4), pred_logits: zeros(2), pred_refer_logits: r })
+            .collect(),
+    }
+}
+
+/// Image 0: two targets (left half; bottom-right quadrant) and queries 1, 2 shaped like them;
+/// image 1: no target. An aux round at stride 4 (2×2 logits) with the same story.
+struct Batch {
+    fin: Round,
+    aux_low: Vec<Vec<Vec<f64>>>, // [b][q] 2×2
+    aux: Round,
+    targets: Vec<Vec<Map>>,
+    existence: [f64; 2],
+}
+
+fn batch() -> Batch {
+    let wiggle = |r: usize, c: usize| 0.03 * ((r * 5 + c * 3) % 7) as f64;
+    let left = map(|_, c| if c < 4 { 1.0 } else { 0.0 });
+    let quad = map(|r, c| if r >= 4 && c >= 4 { 1.0 } else { 0.0 });
+    let fin = Round {
+        masks: vec![
+            vec![
+                map(|r, c| -3.0 + 0.01 * (r * W + c) as f64),
+                map(|r, c| if c < 4 { 4.0 } else { -5.0 } + wiggle(r, c)),
+                map(|r, c| if r >= 4 && c >= 4 { 3.0 } else { -4.0 } - wiggle(r, c)),
+            ],
+            vec![
+                map(|r, c| ((r * 3 + c * 7) % 11) as f64 * 0.4 - 2.0),
+                map(|r, c| 1.5 - 0.2 * r as f64 + wiggle(r, c)),
+                map(|r, c| -0.5 + 0.1 * c as f64 - wiggle(r, c)),
+            ],
+        ],
+        refer: vec![vec![[-1.0, 2.0], [2.0, -1.0], [1.5, 0.5]], vec![[0.3, 0.1], [-0.5, 1.0], [0.0, 0.0]]],
+    };
+    let aux_low = vec![
+        vec![vec![-3.0, -2.5, -2.0, -3.5], vec![4.0, -4.0, 3.5, -4.5], vec![-4.0, -3.0, -3.5, 4.0]],
+        vec![vec![1.0, -1.0, 0.5, 2.0], vec![-2.0, 0.3, 0.7, -0.1], vec![0.0, 1.0, -1.0, 0.2]],
+    ];
+    let aux = Round {
+        masks: aux_low.iter().map(|qs| qs.iter().map(|m| upsample_ac(m, 2, 2, H, W)).collect()).collect(),
+        refer: vec![vec![[0.2, 0.9], [1.1, -0.3], [0.4, 0.6]], vec![[-0.2, 0.8], [0.5, 0.5], [1.0, -1.0]]],
+    };
+    Batch { fin, aux_low, aux, targets: vec![vec![left, quad], vec![]], existence: [2.0, -1.0] }
+}
+
+fn batch_output(bt: &Batch) -> (DerisOutput, Vec<Target>) {
+    let low = t4(&bt.aux_low, 2, 2);
+    let out = output(
+        t4(&bt.fin.masks, H, W),
+        t3(&bt.fin.refer),
+        Tensor::new(&[[bt.existence[0] as f32], [bt.existence[1] as f32]], &Device::Cpu).unwrap(),
+        vec![(low, t3(&bt.aux.refer))],
+    );
+    let targets = vec![
+        target_tensor(&bt.targets[0]),
+        Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap() },
+    ];
+    (out, targets)
+}
+
+fn small_cfg() -> LossConfig {
+    LossConfig { num_points: 64, ..LossConfig::default() }
+}
+
+fn assert_term(terms: &BTreeMap<String, f64>, name: &str, want: f64) {
+    let got = terms[name];
+    let tol = 1e-4 * want.abs().max(1.0);
+    assert!((got - want).abs() <= tol, "{name}: got {got}, want {want}");
+}
+
+#[test]
+fn loss_matches_the_scalar_oracle() {
+    let bt = batch();
+    let (out, targets) = batch_output(&bt);
+    let cfg = small_cfg();
+    for seed in [1u64, 2, 3] {
+        let mut rng = SplitMix64::new(seed);
+        let mut replay = rng.clone();
+        let loss = deris_loss(&out, &targets, &cfg, &mut rng).unwrap();
+        assert_eq!(loss.num_masks, 2.0);
+
+        let fin = oracle_round(&bt.fin, &bt.targets, &cfg, 2.0, &mut replay);
+        let aux = oracle_round(&bt.aux, &bt.targets, &cfg, 2.0, &mut replay);
+        assert_eq!(rng, replay, "the loss drew a different number of points than documented");
+        let exist = (softplus(-bt.existence[0]) + softplus(bt.existence[1])) / 2.0;
+        for (suffix, t) in [("", fin), ("_0", aux)] {
+            assert_term(&loss.terms, &format!("loss_cls{suffix}"), t[0]);
+            assert_term(&loss.terms, &format!("loss_bce{suffix}"), t[1]);
+            assert_term(&loss.terms, &format!("loss_dice{suffix}"), t[2]);
+        }
+        assert_term(&loss.terms, "loss_exist", exist);
+        let total = 2.0 * fin[0] + 5.0 * fin[1] + 5.0 * fin[2] + 0.2 * (2.0 * aux[0] + 5.0 * aux[1] + 5.0 * aux[2]) + exist;
+        assert_term(&loss.terms, "total", total);
+        let t = loss.total.to_scalar::<f32>().unwrap() as f64;
+        assert!((t - total).abs() < 1e-4 * total, "total tensor {t} vs {total}");
+        assert_eq!(loss.terms.len(), 8, "{:?}", loss.terms.keys());
+    }
+}
+
+#[test]
+fn cross_entropy_of_the_obvious_matching_in_closed_form() {
+    // the final round's matching is q1 → target 0, q2 → target 1: the CE needs no points
+    let bt = batch();
+    let (out, targets) = batch_output(&bt);
+    let loss = deris_loss(&out, &targets, &small_cfg(), &mut SplitMix64::new(9)).unwrap();
+    let lse = |[a, b]: [f64; 2]| (a.exp() + b.exp()).ln();
+    let r = &bt.fin.refer;
+    let matched = (lse(r[0][1]) - r[0][1][0]) + (lse(r[0][2]) - r[0][2][0]);
+    let unmatched: f64 = [r[0][0], r[1][0], r[1][1], r[1][2]].iter().map(|&l| lse(l) - l[1]).sum();
+    let want = (matched + 0.1 * unmatched) / (2.0 + 0.1 * 4.0);
+    assert_term(&loss.terms, "loss_cls", want);
+}
+
+#[test]
+fn matching_picks_the_obvious_queries() {
+    let cfg = LossConfig { num_points: 256, ..LossConfig::default() };
+    let bt = batch();
+    let (out, targets) = batch_output(&bt);
+    let mut rng = SplitMix64::new(4);
+    let pairs = match_round(&out.pred_masks, &out.pred_refer_logits, &targets, &cfg, &mut rng).unwrap();
+    assert_eq!(pairs, vec![vec![(1, 0), (2, 1)], vec![]]);
+
+    // more targets than queries: two queries, three targets; each query takes its look-alike
+    let a = map(|_, c| if c < 3 { 1.0 } else { 0.0 });
+    let b = map(|r, _| if r >= 5 { 1.0 } else { 0.0 });
+    let c = map(|r, c| if r < 2 && c >= 6 { 1.0 } else { 0.0 });
+    let logits = |m: &Map| m.iter().map(|&v| if v > 0.5 { 6.0 } else { -6.0 }).collect::<Map>();
+    let masks = t4(&[vec![logits(&b), logits(&c)]], H, W);
+    let refer = t3(&[vec![[1.0, 0.0], [1.0, 0.0]]]);
+    let pairs = match_round(&masks, &refer, &[target_tensor(&[a, b, c])], &cfg, &mut rng).unwrap();
+    assert_eq!(pairs, vec![vec![(0, 1), (1, 2)]]);
+
+    // identical masks: the class cost decides (query 2 is the more confident referent)
+    let m = map(|r, c| if r < 4 && c < 4 { 5.0 } else { -5.0 });
+    let masks = t4(&[vec![m.clone(), m.clone(), m.clone()]], H, W);
+    let refer = t3(&[vec![[0.0, 1.0], [0.5, 0.0], [3.0, 0.0]]]);
+    let tgt = target_tensor(&[map(|r, c| if r < 4 && c < 4 { 1.0 } else { 0.0 })]);
+    let pairs = match_round(&masks, &refer, &[tgt], &cfg, &mut rng).unwrap();
+    assert_eq!(pairs, vec![vec![(2, 0)]]);
+}
+
+#[test]
+fn gradients_reach_every_scored_output_and_are_finite() {
+    let bt = batch();
+    let (out, targets) = batch_output(&bt);
+    let vars: Vec<Var> = [&out.pred_masks, &out.pred_refer_logits, &out.pred_existence, &out.aux[0].pred_masks_lowres, &out.aux[0].pred_refer_logits]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let out = output(
+        vars[0].as_tensor().clone(),
+        vars[1].as_tensor().clone(),
+        vars[2].as_tensor().clone(),
+        vec![(vars[3].as_tensor().clone(), vars[4].as_tensor().clone())],
+    );
+    let loss = deris_loss(&out, &targets, &small_cfg(), &mut SplitMix64::new(7)).unwrap();
+    let grads = loss.total.backward().unwrap();
+    for (name, v) in ["pred_masks", "pred_refer_logits", "pred_existence", "aux.pred_masks_lowres", "aux.pred_refer_logits"].iter().zip(&vars) {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(g.iter().any(|&x| x != 0.0), "{name}: zero gradient");
+    }
+    // the existence gradient is d/dz mean BCE = (σ(z) − y) / B
+    let g = grads.get(vars[2].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = [(sigmoid(2.0) - 1.0) / 2.0, sigmoid(-1.0) / 2.0];
+    for (g, w) in g.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-5, "existence grad {g} vs {w}");
+    }
+    // image 1 has no target: its masks get no gradient (only matched masks are scored)
+    let gm = grads.get(vars[0].as_tensor()).unwrap().get(1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(gm, 0.0);
+}
+
+#[test]
+fn a_batch_without_targets_scores_only_no_object_and_existence() {
+    let bt = batch();
+    let (out, _) = batch_output(&bt);
+    let empty = || Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap() };
+    let targets = vec![empty(), empty()];
+    assert!(!targets[0].exists());
+    let loss = deris_loss(&out, &targets, &LossConfig::default(), &mut SplitMix64::new(1)).unwrap();
+    assert_eq!(loss.num_masks, 1.0);
+    let plain_ce = |refer: &[Vec<[f64; 2]>]| {
+        let all: Vec<f64> = refer.iter().flatten().map(|&[a, b]| (a.exp() + b.exp()).ln() - b).collect();
+        all.iter().sum::<f64>() / all.len() as f64
+    };
+    assert_term(&loss.terms, "loss_cls", plain_ce(&bt.fin.refer));
+    assert_term(&loss.terms, "loss_cls_0", plain_ce(&bt.aux.refer));
+    for k in ["loss_bce", "loss_dice", "loss_bce_0", "loss_dice_0"] {
+        assert_eq!(loss.terms[k], 0.0, "{k}");
+    }
+    let exist = (softplus(bt.existence[0]) + softplus(bt.existence[1])) / 2.0;
+    assert_term(&loss.terms, "loss_exist", exist);
+    let total = 2.0 * plain_ce(&bt.fin.refer) + 0.2 * 2.0 * plain_ce(&bt.aux.refer) + exist;
+    assert_term(&loss.terms, "total", total);
+}
+
+#[test]
+fn existence_log_is_clamped_at_minus_100() {
+    // z = −300 with a target: −log σ(z) ≈ 300, clamped to 100 (PyTorch's binary_cross_entropy)
+    let bt = batch();
+    let (mut out, targets) = batch_output(&bt);
+    out.pred_existence = Tensor::new(&[[-300f32], [-300.0]], &Device::Cpu).unwrap();
+    let loss = deris_loss(&out, &targets, &small_cfg(), &mut SplitMix64::new(1)).unwrap();
+    assert_term(&loss.terms, "loss_exist", (100.0 + softplus(-300.0)) / 2.0);
+}
+
+#[test]
+fn loss_config_defaults_fill_missing_fields() {
+    let cfg: LossConfig = serde_json::from_str(r#"{"num_points": 100}"#).unwrap();
+    assert_eq!(cfg, LossConfig { num_points: 100, ..LossConfig::default() });
+    assert_eq!((cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.no_object_weight, cfg.aux_weight), (2.0, 5.0, 5.0, 0.1, 0.2));
+}
