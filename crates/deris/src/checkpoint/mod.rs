@@ -15,7 +15,7 @@ pub mod audit;
 pub mod keys;
 mod pickle;
 mod pth;
-mod random;
+pub(crate) mod random;
 mod st;
 
 use std::collections::{BTreeMap, HashMap};

@@ -13,11 +13,12 @@ struct RandomBackend {
     seed: u64,
 }
 
-/// SplitMix64: a small, good-enough generator for test weights.
-struct SplitMix(u64);
+/// SplitMix64: a small, good-enough generator for test weights (and [`crate::train::params`]'s
+/// initialisation).
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -26,18 +27,19 @@ impl SplitMix {
     }
 
     /// A uniform in (0, 1].
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
     }
 
     /// A standard normal (Box–Muller).
-    fn normal(&mut self) -> f32 {
+    pub(crate) fn normal(&mut self) -> f32 {
         let (u, v) = (self.unit(), self.unit());
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
     }
 }
 
-fn fnv1a(s: &str) -> u64 {
+/// FNV-1a hash of a key name: the per-key part of a seed.
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 

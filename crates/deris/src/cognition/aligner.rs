@@ -9,8 +9,9 @@
 //! The attentions are `nn.MultiheadAttention(batch_first=True)`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
+use crate::nn::fused::LayerNorm;
 use crate::config::DerisConfig;
 use crate::nn::mha::{key_padding_bias, MultiheadAttention};
 use crate::taps::Taps;

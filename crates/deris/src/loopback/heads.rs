@@ -5,9 +5,10 @@
 //! `box_embed.layers.{0,1,2}.*`, `cls_embed.*`, and the unused `SEG_proj.layers.{0,1}.*`.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use super::layers::LN_EPS;
+use crate::nn::fused::LayerNorm;
 use crate::nn::{self, interpolate::resize_bilinear, mlp::Mlp};
 
 /// What the heads predict from one round's queries.

@@ -13,8 +13,9 @@
 //! (see [`super::BatchCoupling`]).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
+use crate::nn::fused::LayerNorm;
 use crate::nn::{self, mha::MultiheadAttention};
 
 /// `nn.LayerNorm`'s default epsilon, used by every norm of the predictor.

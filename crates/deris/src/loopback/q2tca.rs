@@ -7,9 +7,10 @@
 //! `cross_attn_mask=None` (MODEL-SPEC §6.4).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use super::layers::LN_EPS;
+use crate::nn::fused::LayerNorm;
 use crate::nn::{self, mha};
 
 /// Hidden width of the unused `mapmlp` (the constructor's `rpe_hidden_dim=256` default, not `d`).

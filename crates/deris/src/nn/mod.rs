@@ -9,7 +9,9 @@ pub mod multiway;
 pub mod pos_embed;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
+
+use fused::LayerNorm;
 
 /// `nn.Linear(i, o)` with bias: weight `[o, i]`, bias `[o]`.
 pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
@@ -21,11 +23,10 @@ pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear_no_bias(i, o, vb)
 }
 
-/// `nn.LayerNorm(dim, eps)` with affine weight and bias.
+/// `nn.LayerNorm(dim, eps)` with affine weight and bias: [`fused::LayerNorm`], whose forward
+/// has gradients (candle_nn's LayerNorm runs a fused op without a backward on contiguous inputs).
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    let weight = vb.get(dim, "weight")?;
-    let bias = vb.get(dim, "bias")?;
-    Ok(LayerNorm::new(weight, bias, eps))
+    fused::layer_norm(dim, eps, vb)
 }
 
 /// Applies a Linear to a tensor of any rank ≥ 2 (the last axis is the feature axis).
@@ -40,5 +41,5 @@ pub fn dense(l: &Linear) -> deris_kernels::post_norm::Dense<'_> {
 
 /// A LayerNorm's parameters as the fused kernels take them ([`deris_kernels::post_norm`]).
 pub fn norm(n: &LayerNorm) -> deris_kernels::post_norm::Norm<'_> {
-    deris_kernels::post_norm::Norm { weight: n.weight(), bias: n.bias(), eps: n.eps() }
+    deris_kernels::post_norm::Norm { weight: n.weight(), bias: Some(n.bias()), eps: n.eps() }
 }

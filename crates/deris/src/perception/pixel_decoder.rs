@@ -9,9 +9,10 @@
 //! `layer_1.{0: Conv3x3, 1: GroupNorm}`.
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use deris_kernels::post_norm;
 
+use crate::nn::fused::LayerNorm;
 use crate::config::DerisConfig;
 use crate::nn::{dense, interpolate::resize_bilinear, layer_norm, linear, norm, pos_embed};
 use crate::perception::msdeform::{proj, MSDeformAttn};
