@@ -136,7 +136,8 @@ impl Trainer {
         };
         let data = Arc::new(TrainData::new(samples, tokenizer.clone(), &model_cfg, nsc, cfg.augment, device)?);
 
-        let frozen = frozen_rule(&cfg.freeze);
+        let freeze = cfg.freeze.clone();
+        let frozen = frozen_rule(&freeze);
         let (tensors, state, optim_state) = match resume {
             Some(path) => {
                 let ck = load_checkpoint(path, device)?;
@@ -165,7 +166,7 @@ impl Trainer {
             .iter()
             .map(|(name, var)| (name.clone(), var.clone(), lr_scale(&cfg, name)))
             .collect();
-        let mut optim = Adam::new(params, cfg.optimizer.clone());
+        let mut optim = Adam::new(params, cfg.optimizer.clone())?;
         if let Some((tensors, steps)) = optim_state {
             optim.load_state(tensors, steps)?;
         }
@@ -282,8 +283,8 @@ impl Trainer {
         let factor = self.cfg.schedule.factor(epoch as usize);
         let stats = self.optim.step(&grads, factor)?;
         self.state.step = step;
-        self.state.epoch = epoch;
-        self.state.batch_in_epoch = b as u64 + 1;
+        self.state.epoch = epoch as usize;
+        self.state.batch_in_epoch = b + 1;
         self.nsc_total.converted += batch.nsc.converted;
         self.nsc_total.eligible += batch.nsc.eligible;
         self.nsc_total.gave_up += batch.nsc.gave_up;
