@@ -456,6 +456,6 @@ mod tests {
         // Gradients reach the Var through the VarBuilder's tensor.
         let grads = a.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(grads.get(w.trainable()["a.weight"].as_tensor()).is_some());
-        assert!(vb.get(3, "frozen.weight").unwrap().track_op() == false);
+        assert!(!vb.get(3, "frozen.weight").unwrap().track_op());
     }
 }
