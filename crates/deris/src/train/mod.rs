@@ -17,4 +17,4 @@ pub mod state;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{Event, StepRecord, TrainSummary, Trainer};
+pub use trainer::{Event, StepRecord, StepTiming, TrainSummary, Trainer};

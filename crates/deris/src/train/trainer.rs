@@ -62,7 +62,22 @@ pub struct StepRecord {
     pub samples: usize,
     pub nsc_converted: u64,
     pub nsc_eligible: u64,
+    /// Wall time of the step, and of its phases.
     pub seconds: f64,
+    pub timing: StepTiming,
+}
+
+/// Seconds per phase of one step.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StepTiming {
+    /// Waiting for the batch (zero when loading keeps up).
+    pub data: f64,
+    pub forward: f64,
+    /// Matching and the objective.
+    pub loss: f64,
+    pub backward: f64,
+    /// Clipping and Adam.
+    pub optimizer: f64,
 }
 
 /// How a run ended.
@@ -224,11 +239,13 @@ impl Trainer {
             let first = (self.state.step % spe) as usize;
             let last = (spe.min(first as u64 + total - self.state.step)) as usize;
             let mut batches = Prefetcher::start(self.data.clone(), self.state.seed, epoch, self.cfg.batch_size, first, last, 2);
+            let mut t0 = Instant::now();
             while let Some((b, batch)) = batches.next_batch() {
                 let batch = batch?;
-                let t0 = Instant::now();
-                let record = self.step(&batch, epoch, b)?;
-                let record = StepRecord { seconds: t0.elapsed().as_secs_f64(), ..record };
+                let waited = t0.elapsed().as_secs_f64();
+                let mut record = self.step(&batch, epoch, b)?;
+                record.timing.data = waited;
+                record.seconds = t0.elapsed().as_secs_f64();
                 on_event(Event::Step(&record));
                 if record.step % self.cfg.log_every == 0 || record.step == total {
                     let line = json!({"type": "step", "record": record});
@@ -252,6 +269,7 @@ impl Trainer {
                     timed_out = true;
                     break;
                 }
+                t0 = Instant::now();
             }
         }
         let model_dir = self.export(&self.out_dir.join("model"))?;
@@ -262,15 +280,24 @@ impl Trainer {
     /// One optimisation step on `batch` (batch number `b` of `epoch`).
     fn step(&mut self, batch: &Batch, epoch: u64, b: usize) -> Result<StepRecord> {
         let step = self.state.step + 1;
+        let mut timing = StepTiming::default();
+        let mut clock = Instant::now();
+        let mut lap = |field: &mut f64| {
+            *field = clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+        };
         let model = self.weights.build(&self.model_cfg)?;
         let out = model.forward(&batch.inputs, self.model_cfg.runtime.batch_coupling, &mut Taps::off())?;
+        lap(&mut timing.forward);
         let mut rng = SplitMix64::from_key(&[LOSS_STREAM, self.state.seed, step]);
         let loss = deris_loss(&out, &batch.targets, &self.cfg.loss, &mut rng)?;
         let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        lap(&mut timing.loss);
         if !value.is_finite() {
             return Err(self.stop(step, b, batch, &format!("the loss is {value}")));
         }
         let grads = loss.total.backward()?;
+        lap(&mut timing.backward);
         let mut sq = 0f64;
         for var in self.weights.trainable().values() {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -282,6 +309,7 @@ impl Trainer {
         }
         let factor = self.cfg.schedule.factor(epoch as usize);
         let stats = self.optim.step(&grads, factor)?;
+        lap(&mut timing.optimizer);
         self.state.step = step;
         self.state.epoch = epoch as usize;
         self.state.batch_in_epoch = b + 1;
@@ -301,6 +329,7 @@ impl Trainer {
             nsc_converted: batch.nsc.converted,
             nsc_eligible: batch.nsc.eligible,
             seconds: 0.0,
+            timing,
         })
     }
 
