@@ -1,5 +1,6 @@
 //! The picture of a run (`curve.png`): the training loss (raw points and a moving average, log
-//! scale) on the left, the validation metrics (percent) on the right, both against the step.
+//! scale) on the left, the validation headline metrics (percent: gIoU, cIoU, N-acc, T-acc for
+//! GRES; mIoU, oIoU for RIS) on the right, both against the step.
 
 use std::path::Path;
 
@@ -9,14 +10,21 @@ use crate::error::{Error, Result};
 use crate::preprocess::image::RgbImage;
 use crate::viz::{draw_text, fill_rect};
 
-const W: usize = 960;
+const W: usize = 1000;
 const H: usize = 400;
 const PANEL_W: usize = 440;
-const MARGIN: usize = 40;
+const MARGIN: usize = 50;
 const PLOT_H: usize = 300;
 
-/// Colours of the metric lines, in the order metrics are first seen.
-const COLOURS: [[u8; 3]; 6] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14], [140, 86, 75]];
+/// The metrics drawn, with their colours.
+const METRICS: [(&str, [u8; 3]); 6] = [
+    ("gIoU", [31, 119, 180]),
+    ("cIoU", [44, 160, 44]),
+    ("N-acc", [214, 39, 40]),
+    ("T-acc", [255, 127, 14]),
+    ("mIoU", [31, 119, 180]),
+    ("oIoU", [44, 160, 44]),
+];
 
 /// Draws the history (the `step` and `eval` records of the JSONL log) and writes it as a PNG.
 pub fn write_curve(history: &[Value], path: &Path) -> Result<()> {
@@ -38,18 +46,13 @@ pub fn render(history: &[Value]) -> Result<RgbImage> {
         .filter_map(|v| Some((v["record"]["step"].as_f64()?, v["record"]["loss"].as_f64()?)))
         .filter(|&(_, l)| l > 0.0 && l.is_finite())
         .collect();
-    let mut metrics: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for v in history.iter().filter(|v| v["type"] == "eval") {
-        let (Some(step), Some(m)) = (v["step"].as_f64(), v["metrics"].as_object()) else { continue };
-        for (name, value) in m {
-            let Some(x) = value.as_f64() else { continue };
-            match metrics.iter_mut().find(|(n, _)| n == name) {
-                Some((_, pts)) => pts.push((step, x)),
-                None => metrics.push((name.clone(), vec![(step, x)])),
-            }
-        }
-    }
-    let max_step = losses.iter().map(|p| p.0).chain(metrics.iter().flat_map(|m| m.1.iter().map(|p| p.0))).fold(1.0, f64::max);
+    let evals: Vec<&Value> = history.iter().filter(|v| v["type"] == "eval").collect();
+    let metrics: Vec<(&str, [u8; 3], Vec<(f64, f64)>)> = METRICS
+        .iter()
+        .map(|&(name, c)| (name, c, evals.iter().filter_map(|v| Some((v["step"].as_f64()?, v["metrics"][name].as_f64()?))).collect::<Vec<_>>()))
+        .filter(|m| !m.2.is_empty())
+        .collect();
+    let max_step = losses.iter().map(|p| p.0).chain(metrics.iter().flat_map(|m| m.2.iter().map(|p| p.0))).fold(1.0, f64::max);
 
     // Left: loss, log10 scale.
     let logs: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s, l.log10())).collect();
@@ -64,24 +67,32 @@ pub fn render(history: &[Value]) -> Result<RgbImage> {
     left.line(&mut img, &smooth, [0, 0, 0]);
     for k in 0..=(hi - lo) as usize {
         let v = lo + k as f64;
-        draw_text(&mut img, 2, left.y(v).saturating_sub(3), &format!("{v:.0}"), 1, [0, 0, 0]);
+        draw_text(&mut img, MARGIN - 20, left.y(v).saturating_sub(3), &format!("{v:.0}"), 1, [0, 0, 0]);
     }
 
     // Right: metrics, 0–100.
-    let right = Panel { x0: MARGIN * 2 + PANEL_W, max_step, lo: 0.0, hi: 100.0 };
+    let right = Panel { x0: W - MARGIN - PANEL_W, max_step, lo: 0.0, hi: 100.0 };
     right.frame(&mut img, "validation (%)");
-    for (i, (name, pts)) in metrics.iter().enumerate() {
-        let c = COLOURS[i % COLOURS.len()];
-        right.line(&mut img, pts, c);
+    for (i, (name, c, pts)) in metrics.iter().enumerate() {
+        right.line(&mut img, pts, *c);
         for &(s, v) in pts {
-            right.dot(&mut img, s, v, c);
+            right.dot(&mut img, s, v, *c);
         }
-        draw_text(&mut img, right.x0 + 8, 30 + 12 * i, name, 1, c);
+        let last = pts.last().map_or(0.0, |p| p.1);
+        draw_text(&mut img, right.x0 + 8, MARGIN + 8 + 12 * i, &format!("{name} {last:.1}"), 1, *c);
     }
     for v in [0.0, 50.0, 100.0] {
-        draw_text(&mut img, right.x0 - 22, right.y(v).saturating_sub(3), &format!("{v:.0}"), 1, [0, 0, 0]);
+        draw_text(&mut img, right.x0 - 22, right.y(v).saturating_sub(3), &format!("{v:>3.0}"), 1, [0, 0, 0]);
     }
-    draw_text(&mut img, MARGIN, H - 14, &format!("step 0 .. {max_step:.0}"), 1, [0, 0, 0]);
+    for panel in [&left, &right] {
+        for k in 0..=4 {
+            let step = max_step * k as f64 / 4.0;
+            let label = format!("{step:.0}");
+            let x = panel.x(step).saturating_sub(label.len() * 3);
+            draw_text(&mut img, x, MARGIN + PLOT_H + 6, &label, 1, [0, 0, 0]);
+        }
+        draw_text(&mut img, panel.x0 + PANEL_W / 2 - 12, MARGIN + PLOT_H + 20, "step", 1, [0, 0, 0]);
+    }
     Ok(img)
 }
 
