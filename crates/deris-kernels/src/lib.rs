@@ -33,6 +33,7 @@
 //! never results beyond float rounding.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
+mod autograd;
 pub mod conv2d;
 mod cpu_gemm;
 pub mod fused;
