@@ -134,12 +134,11 @@ macro_rules! by_dtype {
 // ---------------------------------------------------------------------------------------------
 // Linear
 
-/// `act(x·weightᵀ + bias)` with its backward: `dz = dy·act'(z)`, `dx = dz·W`, `dW = dzᵀ·x`,
-/// `db = Σ_rows dz`, for the identity or the exact GELU.
+/// `x·weightᵀ + bias` with its backward: `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ_rows dy`.
 ///
 /// # Shapes
 /// - `x`: `[.., K]`; `weight`: `[N, K]`; `bias`: `[N]`; returns `[.., N]`
-pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     let (n, _) = weight.dims2()?;
     let m = x.elem_count() / k.max(1);
@@ -152,43 +151,13 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: b
         None => Tensor::zeros(n, x.dtype(), x.device())?,
     };
     let x2 = x.contiguous()?.reshape((m, k))?;
-    let op = LinearOp { m, k, n, gelu, pre: std::sync::Mutex::new(None) };
-    x2.apply_op3(&weight.contiguous()?, &bias, op)?.reshape(dims)
+    x2.apply_op3(&weight.contiguous()?, &bias, LinearOp { m, k, n })?.reshape(dims)
 }
 
 struct LinearOp {
     m: usize,
     k: usize,
     n: usize,
-    gelu: bool,
-    /// The pre-activation `z` of the forward, kept for the GELU's derivative.
-    pre: std::sync::Mutex<Option<CpuStorage>>,
-}
-
-/// `gelu(z) = z·Φ(z)` and `gelu'(z) = Φ(z) + z·φ(z)` (exact erf form).
-trait Gelu: Real {
-    fn gelu(self) -> Self;
-    fn gelu_grad(self) -> Self;
-}
-
-impl Gelu for f32 {
-    fn gelu(self) -> Self {
-        crate::fused::simd::gelu_erf(self)
-    }
-    fn gelu_grad(self) -> Self {
-        (self as f64).gelu_grad() as f32
-    }
-}
-
-impl Gelu for f64 {
-    fn gelu(self) -> Self {
-        0.5 * self * (1.0 + candle_core::cpu::erf::erf_f64(self / std::f64::consts::SQRT_2))
-    }
-    fn gelu_grad(self) -> Self {
-        let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(self / std::f64::consts::SQRT_2));
-        let pdf = (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt();
-        cdf + self * pdf
-    }
 }
 
 impl CustomOp3 for LinearOp {
@@ -205,7 +174,7 @@ impl CustomOp3 for LinearOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = (self.m, self.k, self.n);
+        let LinearOp { m, k, n } = *self;
         let out = by_dtype!(sx.dtype(), "linear", |T| {
             let x = input::<T>("linear", "input", sx, lx, m * k)?;
             let w = input::<T>("linear", "weight", sw, lw, n * k)?;
@@ -217,34 +186,14 @@ impl CustomOp3 for LinearOp {
             let lhs = MatRef { data: x, rows: m, cols: k, rs: k, cs: 1 };
             let rhs = MatRef { data: w, rows: k, cols: n, rs: 1, cs: k };
             cpu_gemm::matmul(&mut out, n, lhs, rhs, true)?;
-            if self.gelu {
-                let pre = T::to_cpu_storage(&out);
-                out.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = v.gelu()));
-                *self.pre.lock().map_err(|_| candle_core::Error::Msg("linear: poisoned lock".into()))? = Some(pre);
-            }
             T::to_cpu_storage_owned(out)
         });
         Ok((out, Shape::from((m, n))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k, n) = (self.m, self.k, self.n);
+        let LinearOp { m, k, n } = *self;
         by_dtype!(x.dtype(), "linear backward", |T| read::<T, _>(g, |gd| {
-            // through the GELU: dz = dy·gelu'(z)
-            let dz;
-            let gd = if self.gelu {
-                let pre = self.pre.lock().map_err(|_| candle_core::Error::Msg("linear: poisoned lock".into()))?;
-                let Some(pre) = pre.as_ref() else { bail!("linear backward: no saved pre-activation") };
-                let z = T::cpu_storage_as_slice(pre)?;
-                let mut v = gd.to_vec();
-                v.par_chunks_mut(4096).zip(z.par_chunks(4096)).for_each(|(d, z)| {
-                    d.iter_mut().zip(z).for_each(|(d, &z)| *d *= z.gelu_grad());
-                });
-                dz = v;
-                &dz[..]
-            } else {
-                gd
-            };
             let dx = if x.track_op() {
                 read::<T, _>(w, |wd| {
                     let mut dx = vec![T::from_f64(0.0); m * k];

@@ -58,9 +58,10 @@ pub fn linear(
     all.extend(residual);
     if !fast_path(&all) || x.elem_count() == 0 || n == 0 {
         if x.elem_count() > 0 && n > 0 && autograd::supported(&all) && autograd::any_tracked(&all) {
-            // Training on the CPU: product, bias and GELU with their own backward, then
-            // candle's sum.
-            let y = autograd::linear(x, weight, bias, act == Activation::GeluErf)?;
+            // Training on the CPU: the product and bias with their own backward, then candle's
+            // GELU and sum.
+            let y = autograd::linear(x, weight, bias)?;
+            let y = if act == Activation::GeluErf { y.gelu_erf()? } else { y };
             return match residual {
                 Some(r) => y + r,
                 None => Ok(y),
