@@ -69,7 +69,8 @@ fn geometry(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) 
 /// - `x`: `[B, Ci, H, W]`; `weight`: `[Co, Ci, kh, kw]`; `bias`: `[Co]`
 /// - returns `[B, Co, H + 2p − kh + 1, W + 2p − kw + 1]`
 ///
-/// Differentiable: with a gradient-tracking input it runs [`conv2d_reference`].
+/// Differentiable: with a gradient-tracking input it runs candle's `conv2d` and, on the CPU, adds
+/// the bias with an op that sums its gradient per channel ([`conv2d_reference`] elsewhere).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let g = geometry(x, weight, bias, padding)?;
     let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 /// - `x`: `[B, C, ...]` (any number of trailing axes, at least one); `weight`, `bias`: `[C]`
 /// - returns the shape of `x`
 ///
-/// Differentiable: with a gradient-tracking input it runs [`group_norm_reference`].
+/// Differentiable: with a gradient-tracking input on the CPU the same kernel runs with its
+/// analytic backward; on other devices [`group_norm_reference`].
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, relu: bool) -> Result<Tensor> {
     let (b, c, spatial) = check(x, groups, weight, bias)?;
     let tracked = x.track_op() || weight.track_op() || bias.track_op();
