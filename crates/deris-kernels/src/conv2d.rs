@@ -24,6 +24,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::autograd;
 use crate::cpu_gemm::{self, MatRef};
 
 /// Sizes of one call.
@@ -68,12 +69,17 @@ fn geometry(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) 
 /// - `x`: `[B, Ci, H, W]`; `weight`: `[Co, Ci, kh, kw]`; `bias`: `[Co]`
 /// - returns `[B, Co, H + 2p − kh + 1, W + 2p − kw + 1]`
 ///
-/// Differentiable: with a gradient-tracking input it runs [`conv2d_reference`].
+/// Differentiable: with a gradient-tracking input it runs candle's `conv2d` and, on the CPU, adds
+/// the bias with an op that sums its gradient per channel ([`conv2d_reference`] elsewhere).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let g = geometry(x, weight, bias, padding)?;
     let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
     let fast_dtype = matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype();
     if tracked || !x.device().is_cpu() || !fast_dtype || bias.is_some_and(|b| b.dtype() != x.dtype()) {
+        if let Some(b) = bias.filter(|b| tracked && autograd::supported(&[x, weight, b])) {
+            // Training on the CPU: the bias gradient summed per channel in one pass.
+            return autograd::add_channel_bias(&x.conv2d(weight, padding, 1, 1, 1)?, b);
+        }
         return conv2d_reference(x, weight, bias, padding);
     }
     let bias = match bias {

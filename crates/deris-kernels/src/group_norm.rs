@@ -17,15 +17,20 @@ use rayon::prelude::*;
 /// - `x`: `[B, C, ...]` (any number of trailing axes, at least one); `weight`, `bias`: `[C]`
 /// - returns the shape of `x`
 ///
-/// Differentiable: with a gradient-tracking input it runs [`group_norm_reference`].
+/// Differentiable: with a gradient-tracking input on the CPU the same kernel runs with its
+/// analytic backward; on other devices [`group_norm_reference`].
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, relu: bool) -> Result<Tensor> {
     let (b, c, spatial) = check(x, groups, weight, bias)?;
     let tracked = x.track_op() || weight.track_op() || bias.track_op();
     let same_dtype = weight.dtype() == x.dtype() && bias.dtype() == x.dtype();
+    let op = GroupNormOp { b, c, spatial, groups, eps, relu };
+    if tracked && crate::autograd::supported(&[x, weight, bias]) {
+        // Training on the CPU: the same kernel with its analytic backward.
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+    }
     if tracked || !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || !same_dtype {
         return group_norm_reference(x, groups, weight, bias, eps, relu);
     }
-    let op = GroupNormOp { b, c, spatial, groups, eps, relu };
     x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
 }
 
@@ -115,6 +120,18 @@ impl CustomOp3 for GroupNormOp {
         };
         Ok((out, lx.shape().clone()))
     }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::autograd::read;
+        let grads = match x.dtype() {
+            DType::F32 => read::<f32, _>(x, |xd| read(w, |wd| read(b, |bd| read(g, |gd| self.backward(xd, wd, bd, gd))))),
+            DType::F64 => read::<f64, _>(x, |xd| read(w, |wd| read(b, |bd| read(g, |gd| self.backward(xd, wd, bd, gd))))),
+            dt => bail!("group_norm backward: unsupported dtype {dt:?}"),
+        }?;
+        let (dx, dw, db) = grads;
+        let dx = if x.track_op() { Some(dx.reshape(x.shape())?) } else { None };
+        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
+    }
 }
 
 /// Σ of `f(v)` over `xs`: 16 lanes in `T` within chunks of 1024, chunks added in f64.
@@ -137,6 +154,76 @@ fn sum_by<T: WithDType>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
 }
 
 impl GroupNormOp {
+    /// `(dx, dγ, dβ)` from the output gradient `g`: per group, with `x̂ = (x − mean)·rstd` and
+    /// `d = g·γ_c` (zero where the ReLU cut), `dx = rstd·(d − mean(d) − x̂·mean(d·x̂))`.
+    fn backward<T: WithDType>(&self, x: &[T], weight: &[T], bias: &[T], g: &[T]) -> Result<(Tensor, Tensor, Tensor)> {
+        let cpg = self.c / self.groups;
+        let block = cpg * self.spatial;
+        let zero = T::from_f64(0.0);
+        let mut dx = vec![zero; x.len()];
+        let parts: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+            .enumerate()
+            .map(|(bg, (dst, (src, gb)))| {
+                let grp = bg % self.groups;
+                let n = block as f64;
+                let mean = sum_by(src, |v| v) / n;
+                let mean_t = T::from_f64(mean);
+                let var = sum_by(src, |v| (v - mean_t) * (v - mean_t)) / n;
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                let rstd_t = T::from_f64(rstd);
+                let (mut dw, mut db) = (vec![zero; cpg], vec![zero; cpg]);
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for ch in 0..cpg {
+                    let c = grp * cpg + ch;
+                    let scale = rstd * weight[c].to_f64();
+                    let shift = T::from_f64(bias[c].to_f64() - mean * scale);
+                    let (scale, w) = (T::from_f64(scale), weight[c]);
+                    let range = ch * self.spatial..(ch + 1) * self.spatial;
+                    let (mut a1, mut a2, mut sw, mut sb) = (zero, zero, zero, zero);
+                    for (&v, &gv) in src[range.clone()].iter().zip(&gb[range]) {
+                        // the ReLU passes the gradient where its input is ≥ 0, as candle's does
+                        let gv = if self.relu && v * scale + shift < zero { zero } else { gv };
+                        let xhat = (v - mean_t) * rstd_t;
+                        sb += gv;
+                        sw += gv * xhat;
+                        a1 += gv * w;
+                        a2 += gv * w * xhat;
+                    }
+                    dw[ch] = sw;
+                    db[ch] = sb;
+                    s1 += a1.to_f64();
+                    s2 += a2.to_f64();
+                }
+                let (m1, m2) = (T::from_f64(s1 / n), T::from_f64(s2 / n));
+                for ch in 0..cpg {
+                    let c = grp * cpg + ch;
+                    let scale = rstd * weight[c].to_f64();
+                    let shift = T::from_f64(bias[c].to_f64() - mean * scale);
+                    let (scale, w) = (T::from_f64(scale), weight[c]);
+                    let range = ch * self.spatial..(ch + 1) * self.spatial;
+                    for ((o, &v), &gv) in dst[range.clone()].iter_mut().zip(&src[range.clone()]).zip(&gb[range]) {
+                        let gv = if self.relu && v * scale + shift < zero { zero } else { gv };
+                        let xhat = (v - mean_t) * rstd_t;
+                        *o = rstd_t * (gv * w - m1 - xhat * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![zero; self.c], vec![zero; self.c]);
+        for (bg, (pw, pb)) in parts.into_iter().enumerate() {
+            let c0 = (bg % self.groups) * cpg;
+            for ch in 0..cpg {
+                dw[c0 + ch] += pw[ch];
+                db[c0 + ch] += pb[ch];
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        Ok((Tensor::from_vec(dx, x.len(), &dev)?, Tensor::from_vec(dw, self.c, &dev)?, Tensor::from_vec(db, self.c, &dev)?))
+    }
+
     fn forward<T: WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
         let cpg = self.c / self.groups;
         let block = cpg * self.spatial;

@@ -12,8 +12,8 @@
 //! - [`fused`]: the transformer layers' CPU kernels: [`fused::layer_norm`], [`fused::linear`]
 //!   (bias, exact GELU and residual fused into the matrix product), [`fused::gelu_erf`] and
 //!   [`fused::attention`] (softmax with additive biases, heads read in place), each next to its
-//!   `_reference`. They run only where no gradient is needed and fall back to the reference
-//!   otherwise.
+//!   `_reference`. They run only where no gradient is needed; on the CPU with gradients they
+//!   use the ops of `autograd` (hand-written backward), elsewhere the reference.
 //! - [`post_norm`](mod@post_norm): the post-norm sublayers `LayerNorm(residual + linear(x))` and
 //!   `LayerNorm(x + FFN(x))` (ReLU) by blocks of rows, each block on one thread.
 //! - [`conv2d`](fn@conv2d): stride-1 convolution with its bias as GEMMs on the NCHW layout (1×1:
@@ -22,9 +22,11 @@
 //! - [`resize_bilinear`](fn@resize_bilinear): `F.interpolate(mode="bilinear")` as a direct
 //!   separable kernel.
 //!
-//! The last four take their fast path for f32/f64 CPU tensors that track no gradient; on other
-//! devices, or when an input tracks a gradient (training), they run their `_reference` twin,
-//! built from candle's primitive ops, which has candle's gradients. Their hand-written loops are
+//! The last four take their fast path for f32/f64 CPU tensors that track no gradient. When an
+//! input tracks a gradient on the CPU (training), linear, layer_norm, attention, conv2d's bias,
+//! group_norm and resize use ops with a hand-written backward (`autograd`, `GroupNormOp`,
+//! `Resize`); on other devices they run their `_reference` twin, built from candle's primitive
+//! ops, which has candle's gradients. Their hand-written loops are
 //! compiled for AVX2+FMA and picked at run time when the CPU has them (the same arithmetic,
 //! wider registers); the products are the `gemm` crate's.
 //!
@@ -33,6 +35,7 @@
 //! never results beyond float rounding.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
+mod autograd;
 pub mod conv2d;
 mod cpu_gemm;
 pub mod fused;

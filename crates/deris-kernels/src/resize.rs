@@ -7,8 +7,8 @@
 //! [`resize_bilinear_reference`] multiplies by the two dense interpolation matrices instead
 //! (`Wy · X · Wxᵀ`), which runs on any device and has candle's gradients.
 //!
-//! [`resize_bilinear`] takes the fast path on the CPU for f32/f64 when the input does not track a
-//! gradient, and the reference otherwise.
+//! [`resize_bilinear`] takes the fast path on the CPU for f32/f64, with its transpose as the
+//! backward when the input tracks a gradient, and the reference on other devices.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
@@ -86,17 +86,19 @@ fn out_shape(x: &Tensor, h: usize, w: usize) -> Vec<usize> {
 /// # Shapes
 /// - `x`: `[..., H, W]` → `[..., h, w]`
 ///
-/// Differentiable: with a gradient-tracking input it runs [`resize_bilinear_reference`].
+/// Differentiable: the backward is the transposed map (each output gradient goes back to the
+/// four source samples with the forward's weights).
 pub fn resize_bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Result<Tensor> {
     let (planes, ih, iw) = check(x, h, w)?;
     if (ih, iw) == (h, w) {
         return Ok(x.clone());
     }
-    if x.track_op() || !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         return resize_bilinear_reference(x, h, w, align_corners);
     }
     let op = Resize { planes, ih, iw, ys: taps(ih, h, align_corners), xs: taps(iw, w, align_corners) };
-    x.contiguous()?.apply_op1_no_bwd(&op)?.reshape(out_shape(x, h, w))
+    let y = if x.track_op() { x.contiguous()?.apply_op1(op)? } else { x.contiguous()?.apply_op1_no_bwd(&op)? };
+    y.reshape(out_shape(x, h, w))
 }
 
 /// The slow twin of [`resize_bilinear`]: two products with the dense interpolation matrices
@@ -143,6 +145,20 @@ impl CustomOp1 for Resize {
         };
         Ok((out, Shape::from((self.planes, self.ys.len(), self.xs.len()))))
     }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use crate::autograd::read;
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        let dev = Device::Cpu;
+        let dx = match grad.dtype() {
+            DType::F32 => read::<f32, _>(grad, |g| Tensor::from_vec(self.transpose(g), arg.shape(), &dev))?,
+            DType::F64 => read::<f64, _>(grad, |g| Tensor::from_vec(self.transpose(g), arg.shape(), &dev))?,
+            dt => bail!("resize_bilinear backward: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(dx))
+    }
 }
 
 impl Resize {
@@ -153,6 +169,37 @@ impl Resize {
             resize_plane(src, dst, self.iw, &self.ys, &self.xs);
         });
         out
+    }
+
+    /// The transposed map: every output gradient scattered to its four source samples.
+    fn transpose<T: WithDType>(&self, g: &[T]) -> Vec<T> {
+        let (h, w) = (self.ys.len(), self.xs.len());
+        let mut out = vec![T::from_f64(0.0); self.planes * self.ih * self.iw];
+        out.par_chunks_mut(self.ih * self.iw).zip(g.par_chunks(h * w)).for_each(|(dst, src)| {
+            resize_plane_transpose(src, dst, self.iw, &self.ys, &self.xs);
+        });
+        out
+    }
+}
+
+/// [`resize_plane_body`] transposed: the height blend scattered into `ih` rows of width `w`,
+/// then the width blend scattered into the source row.
+fn resize_plane_transpose<T: WithDType>(g: &[T], dst: &mut [T], iw: usize, ys: &[Tap], xs: &[Tap]) {
+    let w = xs.len();
+    let ih = dst.len() / iw;
+    let mut rows = vec![T::from_f64(0.0); ih * w];
+    for (gr, t) in g.chunks_exact(w).zip(ys) {
+        let (l0, l1) = (T::from_f64(t.l0 as f64), T::from_f64(t.l1 as f64));
+        for (j, &v) in gr.iter().enumerate() {
+            rows[t.i0 * w + j] += l0 * v;
+            rows[t.i1 * w + j] += l1 * v;
+        }
+    }
+    for (row, d) in rows.chunks_exact(w).zip(dst.chunks_exact_mut(iw)) {
+        for (&v, t) in row.iter().zip(xs) {
+            d[t.i0] += T::from_f64(t.l0 as f64) * v;
+            d[t.i1] += T::from_f64(t.l1 as f64) * v;
+        }
     }
 }
 

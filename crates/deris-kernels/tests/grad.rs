@@ -9,6 +9,11 @@
 //!   differences go through the fast kernel and the gradient through the reference twin;
 //! - f32 (the dtype of the fused kernels' fast path): autograd vs the f64 autograd.
 //!
+//! The ops with a hand-written backward on the CPU (linear, layer_norm, attention's softmax and
+//! biases, window attention, conv2d's bias, group_norm, resize) are also compared with candle's
+//! autograd of their primitive-op `_reference` twins, every input a `Var` at once
+//! ([`check_reference`]).
+//!
 //! MSDeformAttn's own custom backward has its finite-difference tests in `ms_deform_attn.rs`.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -280,4 +285,126 @@ fn sampling_inputs() {
         &inputs,
         25,
     );
+}
+
+/// The gradients of every input of the fast entry point `fast` (hand-written backward ops on the
+/// CPU) against candle's autograd of the primitive-op twin `reference`, all inputs `Var`s at
+/// once, in f64 and f32. `inputs` are f64.
+fn check_reference(name: &str, fast: Op, reference: Op, inputs: &[Tensor], seed: u64) {
+    let out_shape = reference(inputs).unwrap().dims().to_vec();
+    let r = Rng(seed).tensor(&out_shape, -1.0, 1.0);
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()).collect();
+        let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let got = loss(fast, &args, &r).unwrap().backward().unwrap();
+        let want = loss(reference, &args, &r).unwrap().backward().unwrap();
+        for (k, v) in vars.iter().enumerate() {
+            let (g, w) = (got.get(v.as_tensor()).unwrap(), want.get(v.as_tensor()).unwrap());
+            let scale = max_abs(w).max(1.0);
+            let d = max_abs(&(g - w).unwrap());
+            println!("{name:40} input {k} {dtype:?}: max|custom − reference autograd| = {d:.2e} (scale {scale:.2})");
+            assert!(d <= tol * scale, "{name} input {k} {dtype:?}: gradient off the reference's by {d:e}");
+        }
+    }
+}
+
+#[test]
+fn custom_backward_matches_reference_autograd() {
+    let mut rng = Rng(30);
+    let inputs = [
+        rng.tensor(&[2, 7, 5], -2.0, 2.0),
+        rng.tensor(&[4, 5], -1.0, 1.0),
+        rng.tensor(&[4], -1.0, 1.0),
+        rng.tensor(&[2, 7, 4], -1.0, 1.0),
+    ];
+    check_reference(
+        "linear + gelu + residual",
+        &|t| fused::linear(&t[0], &t[1], Some(&t[2]), Activation::GeluErf, Some(&t[3])),
+        &|t| fused::linear_reference(&t[0], &t[1], Some(&t[2]), Activation::GeluErf, Some(&t[3])),
+        &inputs,
+        31,
+    );
+    check_reference(
+        "linear, strided weight, no bias",
+        &|t| fused::linear(&t[0], &t[1].t()?.contiguous()?.t()?, None, Activation::Identity, None),
+        &|t| fused::linear_reference(&t[0], &t[1].t()?.contiguous()?.t()?, None, Activation::Identity, None),
+        &inputs[..2],
+        32,
+    );
+
+    let inputs = [rng.tensor(&[3, 4, 9], -2.0, 2.0), rng.tensor(&[9], 0.5, 1.5), rng.tensor(&[9], -1.0, 1.0)];
+    check_reference(
+        "layer_norm",
+        &|t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+        &|t| fused::layer_norm_reference(&t[0], &t[1], &t[2], 1e-5),
+        &inputs,
+        33,
+    );
+
+    let (b, h, lq, lk, hd) = (4, 2, 3, 5, 3);
+    let inputs = [
+        rng.tensor(&[b, h, lq, hd], -1.0, 1.0),
+        rng.tensor(&[b, h, lk, hd], -1.0, 1.0),
+        rng.tensor(&[b, h, lk, hd], -1.0, 1.0),
+        rng.tensor(&[2, h, lq, lk], -1.0, 1.0), // trainable, per window group
+    ];
+    // a constant padding bias (no gradient): the last key of image 1 masked
+    let mut pad = vec![0f64; b * lk];
+    pad[lk + lk - 1] = -1e4;
+    let pad = Tensor::from_vec(pad, (b, 1, 1, lk), &Device::Cpu).unwrap();
+    let with_pad = |t: &[Tensor], f: fn(&Tensor, &Tensor, &Tensor, f64, &[&Tensor]) -> Result<Tensor>| {
+        f(&t[0], &t[1], &t[2], 0.6, &[&t[3], &pad.to_dtype(t[0].dtype())?])
+    };
+    check_reference(
+        "attention (trainable + constant bias)",
+        &|t| with_pad(t, fused::attention),
+        &|t| with_pad(t, fused::attention_reference),
+        &inputs,
+        34,
+    );
+
+    use deris_kernels::fused::window::PAD;
+    let windows = [0, 1, 3, 4, 2, PAD, 5, PAD];
+    let (b, l, h, hd, n) = (2, 6, 2, 2, 4);
+    let inputs =
+        [rng.tensor(&[b, l, 3 * h * hd], -1.0, 1.0), rng.tensor(&[3 * h * hd], -1.0, 1.0), rng.tensor(&[1, h, n, n], -1.0, 1.0)];
+    let mask = rng.tensor(&[2, 1, n, n], -1.0, 1.0);
+    check_reference(
+        "window_attention (+ constant mask)",
+        &|t| fused::window_attention(&t[0], Some(&t[1]), &windows, 2, h, 0.7, &[&t[2], &mask.to_dtype(t[0].dtype())?]),
+        &|t| fused::window_attention_reference(&t[0], Some(&t[1]), &windows, 2, h, 0.7, &[&t[2], &mask.to_dtype(t[0].dtype())?]),
+        &inputs,
+        35,
+    );
+
+    let inputs = [rng.tensor(&[2, 3, 4, 5], -1.0, 1.0), rng.tensor(&[4, 3, 3, 3], -1.0, 1.0), rng.tensor(&[4], -1.0, 1.0)];
+    check_reference(
+        "conv2d 3×3",
+        &|t| deris_kernels::conv2d(&t[0], &t[1], Some(&t[2]), 1),
+        &|t| deris_kernels::conv2d_reference(&t[0], &t[1], Some(&t[2]), 1),
+        &inputs,
+        36,
+    );
+
+    for relu in [false, true] {
+        let inputs = [rng.tensor(&[2, 6, 3, 4], -2.0, 2.0), rng.tensor(&[6], 0.5, 1.5), rng.tensor(&[6], -0.5, 0.5)];
+        check_reference(
+            &format!("group_norm relu {relu}"),
+            &|t| deris_kernels::group_norm(&t[0], 3, &t[1], &t[2], 1e-5, relu),
+            &|t| deris_kernels::group_norm_reference(&t[0], 3, &t[1], &t[2], 1e-5, relu),
+            &inputs,
+            37,
+        );
+    }
+
+    for (ac, (hh, ww)) in [(false, (7, 3)), (true, (2, 9))] {
+        let inputs = [rng.tensor(&[2, 3, 5, 4], -1.0, 1.0)];
+        check_reference(
+            &format!("resize 5×4 → {hh}×{ww} align_corners {ac}"),
+            &|t| deris_kernels::resize_bilinear(&t[0], hh, ww, ac),
+            &|t| deris_kernels::resize_bilinear_reference(&t[0], hh, ww, ac),
+            &inputs,
+            38,
+        );
+    }
 }

@@ -11,6 +11,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
+use crate::autograd;
 use super::{cpu_f32, fast_path, CpuF32, Output};
 
 /// `softmax(q·kᵀ·scale + Σ biases)·v` over the key axis.
@@ -32,6 +33,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tens
     all.extend(biases);
     let unit_last = [q, k, v].iter().all(|t| t.stride()[3] == 1 || t.dim(3).is_ok_and(|d| d == 1));
     if !fast_path(&all) || !unit_last || g.lk == 0 || g.hd == 0 || g.lq == 0 {
+        if g.lk > 0 && g.lq > 0 && autograd::supported(&all) && autograd::any_tracked(&all) {
+            return attention_autograd(q, k, v, scale, biases);
+        }
         return attention_reference(q, k, v, scale, biases);
     }
     // Biases whose key axis is neither contiguous nor broadcast are made contiguous.
@@ -150,6 +154,25 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biase
     let e = scores.broadcast_sub(&max)?.exp()?;
     let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?; // softmax over the keys
     probs.matmul(&v.contiguous()?)
+}
+
+/// [`attention`] for training on the CPU: candle's products around one softmax op that adds the
+/// constant biases (masks, padding) and has its own backward; biases that track a gradient
+/// (Swin's relative positions) are added by an op that sums their gradient in one pass.
+pub(super) fn attention_autograd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, biases: &[&Tensor]) -> Result<Tensor> {
+    Geometry::new(q, k, v, biases)?;
+    let q = (q.contiguous()? * scale)?;
+    let mut scores = q.matmul(&k.contiguous()?.t()?)?; // [B, H, Lq, Lk]
+    let mut constant = Vec::new();
+    for bias in biases {
+        let bias = to_rank4(bias)?;
+        if bias.track_op() {
+            scores = autograd::add_bias(&scores, &bias)?;
+        } else {
+            constant.push(bias);
+        }
+    }
+    autograd::biased_softmax(&scores, &constant)?.matmul(&v.contiguous()?)
 }
 
 thread_local! {

@@ -8,6 +8,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
+use crate::autograd;
 use super::{cpu_f32, fast_path, rows_per_task, skinny, Output};
 
 /// Elementwise activation applied after the bias.
@@ -56,6 +57,16 @@ pub fn linear(
     all.extend(bias);
     all.extend(residual);
     if !fast_path(&all) || x.elem_count() == 0 || n == 0 {
+        if x.elem_count() > 0 && n > 0 && autograd::supported(&all) && autograd::any_tracked(&all) {
+            // Training on the CPU: the product and bias with their own backward, then candle's
+            // GELU and sum.
+            let y = autograd::linear(x, weight, bias)?;
+            let y = if act == Activation::GeluErf { y.gelu_erf()? } else { y };
+            return match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            };
+        }
         return linear_reference(x, weight, bias, act, residual);
     }
     let m = x.elem_count() / k;

@@ -5,9 +5,9 @@
 //!
 //! Each op `x` has a slow twin `x_reference` built from primitive candle ops. The op itself
 //! runs its fused kernel only for f32 CPU tensors of which **none tracks a gradient**
-//! ([`Tensor::track_op`]); otherwise it returns the reference, so training and non-CPU devices
-//! get candle's autograd and kernels, and inference gets the fast path with no extra code at
-//! the call site. The fused kernels therefore need no backward.
+//! ([`Tensor::track_op`]). Training on the CPU (f32/f64, some input tracking a gradient) runs
+//! the ops of `crate::autograd`, which have a hand-written backward; other devices get the
+//! reference and candle's autograd. The fused kernels themselves therefore need no backward.
 //!
 //! Work is split over rayon's global pool (the one candle's matmul uses). Matrix products go
 //! through the `gemm` crate single-threaded per task; elementwise math is compiled for AVX-512,

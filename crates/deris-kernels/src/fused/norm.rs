@@ -7,6 +7,7 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
+use crate::autograd;
 use super::{cpu_f32, fast_path, rows_per_task, Output};
 
 /// LayerNorm over the last axis of `x` (any rank ≥ 1) with affine `weight` and `bias` (`[C]`).
@@ -27,6 +28,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         );
     }
     if !fast_path(&[x, weight, bias]) || !x.is_contiguous() || c == 0 {
+        let all = [x, weight, bias];
+        if c > 0 && autograd::supported(&all) && autograd::any_tracked(&all) {
+            return autograd::layer_norm(x, weight, bias, eps);
+        }
         return layer_norm_reference(x, weight, bias, eps);
     }
     let rows = x.elem_count() / c;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::attention::{softmax_rows, BiasView};
 use super::{cpu_f32, fast_path, Output};
+use crate::autograd;
 
 /// Index of a padding token in a window map.
 pub const PAD: u32 = u32::MAX;
@@ -45,6 +46,10 @@ pub fn window_attention(
     all.extend(qkv_bias);
     all.extend(biases);
     if !fast_path(&all) {
+        if autograd::supported(&all) && autograd::any_tracked(&all) {
+            let args = WindowArgs { qkv, qkv_bias, windows, num_windows, num_heads, scale, biases };
+            return window_attention_graph(&args, super::attention::attention_autograd);
+        }
         return window_attention_reference(qkv, qkv_bias, windows, num_windows, num_heads, scale, biases);
     }
     let WindowGeometry { b, l, nw, n, h, hd } = g;
@@ -177,6 +182,27 @@ pub fn window_attention_reference(
     scale: f64,
     biases: &[&Tensor],
 ) -> Result<Tensor> {
+    let args = WindowArgs { qkv, qkv_bias, windows, num_windows, num_heads, scale, biases };
+    window_attention_graph(&args, super::attention_reference)
+}
+
+/// The arguments of [`window_attention`].
+struct WindowArgs<'a> {
+    qkv: &'a Tensor,
+    qkv_bias: Option<&'a Tensor>,
+    windows: &'a [u32],
+    num_windows: usize,
+    num_heads: usize,
+    scale: f64,
+    biases: &'a [&'a Tensor],
+}
+
+/// Attention function of the window graph: `(q, k, v, scale, biases)`.
+type Attend = fn(&Tensor, &Tensor, &Tensor, f64, &[&Tensor]) -> Result<Tensor>;
+
+/// [`window_attention_reference`]'s graph with the attention of the windows computed by `attend`.
+fn window_attention_graph(args: &WindowArgs<'_>, attend: Attend) -> Result<Tensor> {
+    let WindowArgs { qkv, qkv_bias, windows, num_windows, num_heads, scale, biases } = *args;
     let WindowGeometry { b, l, nw, n, h, hd } = WindowGeometry::new(qkv, qkv_bias, windows, num_windows, num_heads)?;
     let pad = match qkv_bias {
         Some(t) => t.reshape((1, 1, 3 * h * hd))?.broadcast_as((b, 1, 3 * h * hd))?.contiguous()?,
@@ -187,7 +213,7 @@ pub fn window_attention_reference(
     let gather = Tensor::from_vec(gather, nw * n, qkv.device())?;
     let x = ext.index_select(&gather, 1)?.reshape((b * nw, n, 3, h, hd))?;
     let part = |i: usize| x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2); // [B·nW, H, N, hd]
-    let o = super::attention_reference(&part(0)?, &part(1)?, &part(2)?, scale, biases)?; // [B·nW, H, N, hd]
+    let o = attend(&part(0)?, &part(1)?, &part(2)?, scale, biases)?; // [B·nW, H, N, hd]
     let o = o.transpose(1, 2)?.contiguous()?.reshape((b, nw * n, h * hd))?;
     let mut scatter = vec![0u32; l];
     for (p, &i) in windows.iter().enumerate() {
