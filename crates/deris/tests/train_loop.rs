@@ -112,3 +112,35 @@ fn resume_refuses_another_config() {
     let err = Trainer::new(other, &out, Some(&out.join("checkpoints")), &Device::Cpu).err().expect("a config change must be refused");
     assert!(err.to_string().contains("another config"), "{err}");
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let out = tmp.path().join("run");
+    // an absurd learning rate without clipping: the weights overflow after the first steps
+    let mut cfg = config(&data, 30);
+    cfg.optimizer.lr = 1e30;
+    cfg.optimizer.max_grad_norm = None;
+    cfg.checkpoint_every = 1000;
+    let mut trainer = Trainer::new(cfg, &out, None, &Device::Cpu).unwrap();
+    let mut last = 0;
+    let err = trainer
+        .run(&mut |e| {
+            if let Event::Step(r) = e {
+                last = r.step;
+            }
+        })
+        .err()
+        .expect("the run must stop");
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(msg.contains(&format!("step {}", last + 1)), "the message names the failing step: {msg}");
+    assert!(msg.contains("not finite") || msg.contains("NaN") || msg.contains("inf"), "{msg}");
+    assert!(msg.contains("samples ["), "the message names the batch's samples: {msg}");
+    // the last good weights are saved: a checkpoint at the last completed step
+    let ck = deris::train::state::load_checkpoint(&out.join("checkpoints"), &Device::Cpu).unwrap();
+    assert_eq!(ck.state.step, last);
+    assert!(ck.weights.values().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().map_or(true, |v| v.iter().all(|x| x.is_finite()))));
+}

@@ -289,6 +289,16 @@ impl Trainer {
         let model = self.weights.build(&self.model_cfg)?;
         let out = model.forward(&batch.inputs, self.model_cfg.runtime.batch_coupling, &mut Taps::off())?;
         lap(&mut timing.forward);
+        // The matcher cannot work on non-finite predictions: name them before it fails.
+        let mut scored = vec![("pred_masks", &out.pred_masks), ("pred_refer_logits", &out.pred_refer_logits), ("pred_existence", &out.pred_existence)];
+        for r in &out.aux {
+            scored.extend([("aux pred_masks", &r.pred_masks_lowres), ("aux pred_refer_logits", &r.pred_refer_logits)]);
+        }
+        for (name, t) in scored {
+            if !t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                return Err(self.stop(step, b, batch, &format!("the model's {name} are not finite")));
+            }
+        }
         let mut rng = SplitMix64::from_key(&[LOSS_STREAM, self.state.seed, step]);
         let loss = deris_loss(&out, &batch.targets, &self.cfg.loss, &mut rng)?;
         let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
