@@ -12,7 +12,9 @@ use serde_json::json;
 
 use deris::data::synth::expr::Kind;
 use deris::data::synth::{self, Proportions, SynthConfig};
+use deris::post::BinaryMask;
 use deris::preprocess::image::RgbImage;
+use deris::Prediction;
 use deris::viz::{overlay, Style};
 
 use super::segment::{encode_png, write_file};
@@ -32,6 +34,10 @@ pub struct Args {
     #[command(flatten)]
     model: super::model_args::ModelArgs,
 }
+
+/// The pictures are drawn at this multiple of the scene size (nearest), so that the caption
+/// does not hide the scene.
+const PICTURE_SCALE: usize = 3;
 
 pub fn run(a: Args) -> Result<()> {
     a.model.apply_threads()?;
@@ -70,7 +76,7 @@ pub fn run(a: Args) -> Result<()> {
             _ => format!("IoU {:.2}", inter as f64 / union.max(1) as f64),
         };
         let file = format!("{i}.png");
-        let o = overlay(&rgb, &p, &Style::default());
+        let o = overlay(&upscale(&rgb, PICTURE_SCALE)?, &upscaled(&p, PICTURE_SCALE), &Style::default());
         write_file(&a.out.join(&file), &encode_png(&o.data, o.w, o.h, image::ExtendedColorType::Rgb8)?, &none)?;
         println!("{file}: {:?} ({} target(s)) → {verdict}", r.text, r.targets.len());
         results.push(json!({"file": file, "text": r.text, "targets": r.targets.len(), "no_target": p.no_target,
@@ -80,4 +86,25 @@ pub fn run(a: Args) -> Result<()> {
     write_file(&a.out.join("demo.json"), format!("{summary:#}\n").as_bytes(), &none)?;
     println!("pictures in {}", a.out.display());
     Ok(())
+}
+
+/// `image` enlarged `k` times (nearest).
+fn upscale(image: &RgbImage, k: usize) -> Result<RgbImage> {
+    let (h, w) = (image.h * k, image.w * k);
+    let mut data = Vec::with_capacity(h * w * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let i = ((y / k) * image.w + x / k) * 3;
+            data.extend_from_slice(&image.data[i..i + 3]);
+        }
+    }
+    Ok(RgbImage::new(h, w, data)?)
+}
+
+/// `p` with its mask enlarged `k` times (nearest), to draw on an enlarged picture.
+fn upscaled(p: &Prediction, k: usize) -> Prediction {
+    let m = &p.mask;
+    let (h, w) = (m.height * k, m.width * k);
+    let data = (0..h * w).map(|i| m.data[(i / w / k) * m.width + (i % w) / k]).collect();
+    Prediction { mask: BinaryMask { height: h, width: w, data }, ..p.clone() }
 }
