@@ -123,8 +123,10 @@ mod tests {
         let sp = SentencePiece::from_bytes(&bytes).unwrap();
         assert_eq!(sp.encode("the red  circle"), ["▁the", "▁red", "▁circle"]);
         assert_eq!(sp.encode("the bed"), ["▁the", "▁b", "e", "d"]);
-        // a character never seen is the unknown piece
-        assert_eq!(sp.piece_to_id(&sp.encode("q")[1]), 0);
+        // a character never seen ('z') is the unknown piece
+        assert_eq!(sp.encode("z"), ["▁", "z"]);
+        assert_eq!(sp.piece_to_id("z"), 0);
+        assert_ne!(sp.piece_to_id("▁q"), 0, "'q' of 'squares' is a character piece");
         assert_eq!(sp.piece_to_id("<s>"), 1);
         assert_eq!(bytes, train_word_unigram(&corpus, WordUnigramOptions::default()));
     }
