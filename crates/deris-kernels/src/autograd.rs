@@ -16,6 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{self, MatRef};
+use crate::storage::contiguous;
 
 /// Float types of the ops here: [`WithDType`] plus the math the softmax and the norms need.
 pub(crate) trait Real: WithDType {
@@ -66,13 +67,6 @@ pub(crate) fn read<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R
     }
 }
 
-/// The data of a contiguous custom-op input of `len` elements.
-pub(crate) fn input<'a, T: WithDType>(op: &str, what: &str, s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b - a == len => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        _ => bail!("{op}: {what} {:?} is not a contiguous block of {len} elements", l.dims()),
-    }
-}
 
 /// A tensor from a vector built on the CPU.
 fn tensor<T: WithDType>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
@@ -176,9 +170,9 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let LinearOp { m, k, n } = *self;
         let out = by_dtype!(sx.dtype(), "linear", |T| {
-            let x = input::<T>("linear", "input", sx, lx, m * k)?;
-            let w = input::<T>("linear", "weight", sw, lw, n * k)?;
-            let b = input::<T>("linear", "bias", sb, lb, n)?;
+            let x = contiguous::<T>("linear", "input", sx, lx, m * k)?;
+            let w = contiguous::<T>("linear", "weight", sw, lw, n * k)?;
+            let b = contiguous::<T>("linear", "bias", sb, lb, n)?;
             let mut out = Vec::with_capacity(m * n);
             for _ in 0..m {
                 out.extend_from_slice(b);
@@ -272,9 +266,9 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, c) = (self.rows, self.c);
         let out = by_dtype!(sx.dtype(), "layer_norm", |T| {
-            let x = input::<T>("layer_norm", "input", sx, lx, rows * c)?;
-            let w = input::<T>("layer_norm", "weight", sw, lw, c)?;
-            let b = input::<T>("layer_norm", "bias", sb, lb, c)?;
+            let x = contiguous::<T>("layer_norm", "input", sx, lx, rows * c)?;
+            let w = contiguous::<T>("layer_norm", "weight", sw, lw, c)?;
+            let b = contiguous::<T>("layer_norm", "bias", sb, lb, c)?;
             let mut out = vec![T::from_f64(0.0); rows * c];
             let per = row_block(rows, c) * c;
             out.par_chunks_mut(per.max(1)).zip(x.par_chunks(per.max(1))).for_each(|(o, x)| {
@@ -426,7 +420,7 @@ impl CustomOp1 for BiasedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let len = self.b * self.h * self.lq * self.lk;
         let out = by_dtype!(s.dtype(), "softmax", |T| {
-            let x = input::<T>("softmax", "scores", s, l, len)?;
+            let x = contiguous::<T>("softmax", "scores", s, l, len)?;
             let data = self.biases.iter().map(|t| t.flatten_all()?.to_vec1::<T>()).collect::<Result<Vec<_>>>()?;
             let views: Vec<(&[T], BiasIndex)> =
                 data.iter().zip(&self.biases).map(|(d, t)| (d.as_slice(), BiasIndex::new(t.dims()))).collect();
@@ -482,8 +476,8 @@ impl CustomOp2 for AddBias {
         let AddBias { b, h, lq, lk } = *self;
         let ix = BiasIndex::new(l2.dims());
         let out = by_dtype!(s1.dtype(), "add_bias", |T| {
-            let x = input::<T>("add_bias", "scores", s1, l1, b * h * lq * lk)?;
-            let bias = input::<T>("add_bias", "bias", s2, l2, l2.shape().elem_count())?;
+            let x = contiguous::<T>("add_bias", "scores", s1, l1, b * h * lq * lk)?;
+            let bias = contiguous::<T>("add_bias", "bias", s2, l2, l2.shape().elem_count())?;
             let mut out = x.to_vec();
             out.par_chunks_mut(lk.max(1)).enumerate().for_each(|(r, row)| {
                 let at = ix.row(r / (h * lq), (r / lq) % h, r % lq);
@@ -544,8 +538,8 @@ impl CustomOp2 for ChannelBias {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (c, inner) = (self.c, self.inner);
         let out = by_dtype!(s1.dtype(), "add_channel_bias", |T| {
-            let x = input::<T>("add_channel_bias", "input", s1, l1, l1.shape().elem_count())?;
-            let bias = input::<T>("add_channel_bias", "bias", s2, l2, c)?;
+            let x = contiguous::<T>("add_channel_bias", "input", s1, l1, l1.shape().elem_count())?;
+            let bias = contiguous::<T>("add_channel_bias", "bias", s2, l2, c)?;
             let mut out = x.to_vec();
             out.par_chunks_mut(inner.max(1)).enumerate().for_each(|(p, plane)| {
                 let v = bias[p % c];

@@ -11,6 +11,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::storage::contiguous;
+
 /// `F.group_norm(x, groups, weight, bias, eps)`, then `relu` if asked, fast on the CPU.
 ///
 /// # Shapes
@@ -83,13 +85,6 @@ struct GroupNormOp {
     relu: bool,
 }
 
-fn slice<'a, T: WithDType>(what: &str, s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b - a == len => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        _ => bail!("group_norm: {what} {:?} is not a contiguous block of {len} elements", l.dims()),
-    }
-}
-
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm"
@@ -107,14 +102,14 @@ impl CustomOp3 for GroupNormOp {
         let n = self.b * self.c * self.spatial;
         let out = match sx.dtype() {
             DType::F32 => CpuStorage::F32(self.forward::<f32>(
-                slice("input", sx, lx, n)?,
-                slice("weight", sw, lw, self.c)?,
-                slice("bias", sb, lb, self.c)?,
+                contiguous("group_norm", "input", sx, lx, n)?,
+                contiguous("group_norm", "weight", sw, lw, self.c)?,
+                contiguous("group_norm", "bias", sb, lb, self.c)?,
             )),
             DType::F64 => CpuStorage::F64(self.forward::<f64>(
-                slice("input", sx, lx, n)?,
-                slice("weight", sw, lw, self.c)?,
-                slice("bias", sb, lb, self.c)?,
+                contiguous("group_norm", "input", sx, lx, n)?,
+                contiguous("group_norm", "weight", sw, lw, self.c)?,
+                contiguous("group_norm", "bias", sb, lb, self.c)?,
             )),
             dt => bail!("group_norm: unsupported dtype {dt:?}"),
         };

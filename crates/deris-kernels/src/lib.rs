@@ -44,6 +44,7 @@ pub mod ms_deform_attn;
 pub mod post_norm;
 pub mod resize;
 mod simd;
+mod storage;
 
 pub use conv2d::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};

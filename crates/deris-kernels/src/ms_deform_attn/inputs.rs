@@ -9,6 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::storage::contiguous;
+
 /// Sizes of one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct InputsGeometry {
@@ -105,13 +107,6 @@ struct SamplingInputs {
     g: InputsGeometry,
 }
 
-fn slice<'a, T: WithDType>(what: &str, s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b - a == len => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        _ => bail!("sampling_inputs: {what} {:?} is not a contiguous block of {len} elements", l.dims()),
-    }
-}
-
 impl CustomOp3 for SamplingInputs {
     fn name(&self) -> &'static str {
         "ms-deform-attn-sampling-inputs"
@@ -131,14 +126,14 @@ impl CustomOp3 for SamplingInputs {
         let points = g.queries * g.m * nl * g.p;
         let out = match so.dtype() {
             DType::F32 => CpuStorage::F32(self.forward::<f32>(
-                slice("reference_points", sr, lr, g.queries * nl * 2)?,
-                slice("offsets", so, lo, points * 2)?,
-                slice("logits", sl, ll, points)?,
+                contiguous("sampling_inputs", "reference_points", sr, lr, g.queries * nl * 2)?,
+                contiguous("sampling_inputs", "offsets", so, lo, points * 2)?,
+                contiguous("sampling_inputs", "logits", sl, ll, points)?,
             )),
             DType::F64 => CpuStorage::F64(self.forward::<f64>(
-                slice("reference_points", sr, lr, g.queries * nl * 2)?,
-                slice("offsets", so, lo, points * 2)?,
-                slice("logits", sl, ll, points)?,
+                contiguous("sampling_inputs", "reference_points", sr, lr, g.queries * nl * 2)?,
+                contiguous("sampling_inputs", "offsets", so, lo, points * 2)?,
+                contiguous("sampling_inputs", "logits", sl, ll, points)?,
             )),
             dt => bail!("sampling_inputs: unsupported dtype {dt:?}"),
         };
