@@ -308,17 +308,12 @@ impl Trainer {
         }
         let grads = loss.total.backward()?;
         lap(&mut timing.backward);
-        let mut sq = 0f64;
-        for var in self.weights.trainable().values() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
-        }
-        if !sq.is_finite() {
-            return Err(self.stop(step, b, batch, "the gradient norm is not finite"));
-        }
         let factor = self.cfg.schedule.factor(epoch as usize);
-        let stats = self.optim.step(&grads, factor)?;
+        // Adam checks the gradients (finite norm, shapes) before it updates anything.
+        let stats = match self.optim.step(&grads, factor) {
+            Ok(stats) => stats,
+            Err(e) => return Err(self.stop(step, b, batch, &e.to_string())),
+        };
         lap(&mut timing.optimizer);
         self.state.step = step;
         self.state.epoch = epoch as usize;
