@@ -99,13 +99,6 @@ impl TrainData {
         order
     }
 
-    /// The indices of batch `batch` of `epoch`.
-    pub fn batch_indices(&self, seed: u64, epoch: u64, batch: usize, batch_size: usize) -> Vec<usize> {
-        let order = self.epoch_order(seed, epoch);
-        let start = (batch * batch_size).min(order.len());
-        order[start..(start + batch_size).min(order.len())].to_vec()
-    }
-
     /// Builds the batch of `indices` (in parallel).
     pub fn batch(&self, indices: &[usize], seed: u64, epoch: u64) -> Result<Batch> {
         let items: Vec<(Item, NscOutcome)> = indices.par_iter().map(|&i| self.item(i, seed, epoch)).collect::<Result<_>>()?;
@@ -143,7 +136,10 @@ impl TrainData {
         };
         let in_sample = |e: Error| Error::Input { name: sample.label.clone(), reason: e.to_string() };
         let mut rng = SplitMix64::from_key(&[SAMPLE_STREAM, seed, epoch, index as u64]);
-        let sentence = &sample.expressions[rng.below(sample.expressions.len()).min(sample.expressions.len().saturating_sub(1))];
+        let sentence = sample
+            .expressions
+            .get(rng.below(sample.expressions.len()))
+            .ok_or_else(|| Error::Input { name: sample.label.clone(), reason: "has no sentence".into() })?;
         let mut image = load_image(&sample.image_path).map_err(in_sample)?;
         let (h, w) = (image.h, image.w);
         let mut masks: Vec<Vec<u8>> = Vec::with_capacity(sample.targets.len());
