@@ -104,8 +104,15 @@ pub struct TrainConfig {
     pub nsc: NscSettings,
     #[serde(default)]
     pub augment: Augment,
+    /// Samples per optimisation step, over all replicas.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Data-parallel replicas, the authors' GPUs (TRAIN-EVAL-SPEC §5.9): each takes
+    /// `batch_size / replicas` samples on its own thread, computes the loss with its own
+    /// cross-entropy and existence means and the global mean target count, and the gradients
+    /// are averaged. On a CPU this also uses the cores that one small model cannot keep busy.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     #[serde(default = "default_epochs")]
     pub epochs: usize,
     /// Stop after this many steps in all (whatever `epochs` says).
@@ -144,6 +151,9 @@ pub struct TrainConfig {
 }
 
 fn default_batch_size() -> usize {
+    1
+}
+fn default_replicas() -> usize {
     1
 }
 fn default_epochs() -> usize {
@@ -196,6 +206,9 @@ impl TrainConfig {
         let bad = |field: &str, reason: &str| Err(Error::Config { field: field.into(), reason: reason.into() });
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1");
+        }
+        if self.replicas == 0 || self.batch_size % self.replicas != 0 {
+            return bad("replicas", "must be at least 1 and divide batch_size");
         }
         if self.epochs == 0 && self.max_steps.is_none() {
             return bad("epochs", "must be at least 1");

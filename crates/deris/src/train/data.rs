@@ -58,6 +58,31 @@ pub struct Batch {
     pub nsc: NscStats,
 }
 
+impl Batch {
+    /// The batch cut into `parts` equal runs of consecutive samples (one per replica): the
+    /// model inputs of each run and its targets.
+    pub fn split(&self, parts: usize) -> Result<Vec<(ModelInputs, &[Target])>> {
+        let b = self.targets.len();
+        if parts == 0 || b % parts != 0 {
+            return Err(Error::Input { name: "batch".into(), reason: format!("{b} samples do not split into {parts} equal parts") });
+        }
+        let n = b / parts;
+        let cut = |t: &Tensor, i: usize| t.narrow(0, i * n, n);
+        (0..parts)
+            .map(|i| {
+                let x = &self.inputs;
+                let inputs = ModelInputs {
+                    img: cut(&x.img, i)?,
+                    img_mini: cut(&x.img_mini, i)?,
+                    ref_expr_inds: cut(&x.ref_expr_inds, i)?,
+                    text_attention_mask: cut(&x.text_attention_mask, i)?,
+                };
+                Ok((inputs, &self.targets[i * n..(i + 1) * n]))
+            })
+            .collect()
+    }
+}
+
 impl TrainData {
     pub fn new(samples: Vec<Sample>, tokenizer: Tokenizer, cfg: &DerisConfig, nsc: Option<Nsc>, augment: Augment, device: &Device) -> Result<Self> {
         if samples.is_empty() {

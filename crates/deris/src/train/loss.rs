@@ -242,6 +242,15 @@ fn scalar(t: &Tensor) -> Result<f64> {
 ///   (upsampled to `H × W` here); refer logits `[B, N, 2]`; `out.pred_existence`: `[B, 1]`
 /// - `targets`: `B` samples, masks `[M_b, H', W']`
 pub fn deris_loss(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, rng: &mut SplitMix64) -> Result<LossOutput> {
+    let num_masks = targets.iter().map(Target::num_targets).sum::<usize>().max(1) as f64;
+    deris_loss_with(out, targets, cfg, num_masks, rng)
+}
+
+/// [`deris_loss`] of one replica of a data-parallel step: the mask terms are divided by
+/// `num_masks`, the mean number of targets per replica over all replicas clamped to ≥ 1 (the
+/// authors' all-reduce, TRAIN-EVAL-SPEC §5.4 / §5.9); the cross entropy and the existence BCE
+/// are means over this replica's samples.
+pub fn deris_loss_with(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, num_masks: f64, rng: &mut SplitMix64) -> Result<LossOutput> {
     let (b, _, h, w) = out.pred_masks.dims4()?;
     if targets.len() != b {
         bail!("deris_loss: {} targets for a batch of {b}", targets.len());
@@ -251,7 +260,6 @@ pub fn deris_loss(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, rng: 
             bail!("deris_loss: target {i} masks must be [M, H, W], got {:?}", t.masks.dims());
         }
     }
-    let num_masks = targets.iter().map(Target::num_targets).sum::<usize>().max(1) as f64;
     let mut terms = BTreeMap::new();
 
     let weighted = |r: &RoundLosses| -> Result<Tensor> {

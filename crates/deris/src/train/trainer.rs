@@ -11,23 +11,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
 use super::config::TrainConfig;
 use super::data::{Batch, Prefetcher, TrainData};
-use super::loss::deris_loss;
+use super::loss::{deris_loss_with, LossConfig, Target};
 use super::optim::Adam;
 use super::params::{Group, TrainableWeights};
 use super::state::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainerState};
-use crate::config::DerisConfig;
+use crate::config::{BatchCoupling, DerisConfig};
 use crate::data::nsc::{Nsc, NscBank, NscConfig, NscStats};
 use crate::data::rng::SplitMix64;
 use crate::data::{AnnotationSource, Layout, Split};
 use crate::error::{Error, Result};
 use crate::eval::protocol::{evaluate, EvalOptions, Task};
-use crate::model::Deris;
+use crate::model::{Deris, ModelInputs};
 use crate::pipeline::Segmenter;
 use crate::preprocess::text::{Tokenizer, WordUnigramOptions};
 use crate::taps::Taps;
@@ -277,37 +279,51 @@ impl Trainer {
         Ok(TrainSummary { steps: self.state.step, last_eval, nsc: self.nsc_total, seconds: start.elapsed().as_secs_f64(), model_dir })
     }
 
-    /// One optimisation step on `batch` (batch number `b` of `epoch`).
+    /// One optimisation step on `batch` (batch number `b` of `epoch`): each replica runs forward,
+    /// loss and backward on its part of the batch in parallel, then the gradients are averaged.
     fn step(&mut self, batch: &Batch, epoch: u64, b: usize) -> Result<StepRecord> {
         let step = self.state.step + 1;
+        let replicas = self.cfg.replicas.max(1);
+        let model = self.weights.build(&self.model_cfg)?;
+        let parts = batch.split(replicas)?;
+        // §5.4: `num_masks` is all-reduced (summed) and divided by the number of GPUs.
+        let num_masks = (batch.targets.iter().map(Target::num_targets).sum::<usize>() as f64 / replicas as f64).max(1.0);
+        let (seed, coupling, loss_cfg) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss);
+        let run = |(r, (inputs, targets)): (usize, (ModelInputs, &[Target]))| {
+            replica_step(&model, &inputs, targets, coupling, loss_cfg, num_masks, SplitMix64::from_key(&[LOSS_STREAM, seed, step, r as u64]))
+        };
+        let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = if replicas == 1 {
+            parts.into_iter().enumerate().map(run).collect()
+        } else {
+            parts.into_par_iter().enumerate().map(run).collect()
+        };
+        let mut done = Vec::with_capacity(replicas);
+        for result in results {
+            match result {
+                Ok(r) => done.push(r),
+                Err(ReplicaError::Stop(what)) => return Err(self.stop(step, b, batch, &what)),
+                Err(ReplicaError::Fail(e)) => return Err(e),
+            }
+        }
         let mut timing = StepTiming::default();
+        for r in &done {
+            timing.forward = timing.forward.max(r.timing.forward);
+            timing.loss = timing.loss.max(r.timing.loss);
+            timing.backward = timing.backward.max(r.timing.backward);
+        }
+        let value = done.iter().map(|r| r.value).sum::<f64>() / replicas as f64;
+        let mut terms = std::collections::BTreeMap::new();
+        for r in &done {
+            for (k, v) in &r.terms {
+                *terms.entry(k.clone()).or_insert(0.0) += v / replicas as f64;
+            }
+        }
+        let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), self.weights.trainable().values().map(|v| v.as_tensor().clone()))?;
         let mut clock = Instant::now();
         let mut lap = |field: &mut f64| {
             *field = clock.elapsed().as_secs_f64();
             clock = Instant::now();
         };
-        let model = self.weights.build(&self.model_cfg)?;
-        let out = model.forward(&batch.inputs, self.model_cfg.runtime.batch_coupling, &mut Taps::off())?;
-        lap(&mut timing.forward);
-        // The matcher cannot work on non-finite predictions: name them before it fails.
-        let mut scored = vec![("pred_masks", &out.pred_masks), ("pred_refer_logits", &out.pred_refer_logits), ("pred_existence", &out.pred_existence)];
-        for r in &out.aux {
-            scored.extend([("aux pred_masks", &r.pred_masks_lowres), ("aux pred_refer_logits", &r.pred_refer_logits)]);
-        }
-        for (name, t) in scored {
-            if !t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
-                return Err(self.stop(step, b, batch, &format!("the model's {name} are not finite")));
-            }
-        }
-        let mut rng = SplitMix64::from_key(&[LOSS_STREAM, self.state.seed, step]);
-        let loss = deris_loss(&out, &batch.targets, &self.cfg.loss, &mut rng)?;
-        let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        lap(&mut timing.loss);
-        if !value.is_finite() {
-            return Err(self.stop(step, b, batch, &format!("the loss is {value}")));
-        }
-        let grads = loss.total.backward()?;
-        lap(&mut timing.backward);
         let factor = self.cfg.schedule.factor(epoch as usize);
         // Adam checks the gradients (finite norm, shapes) before it updates anything.
         let stats = match self.optim.step(&grads, factor) {
@@ -327,7 +343,7 @@ impl Trainer {
             epoch,
             lr: self.cfg.optimizer.lr * factor,
             loss: value,
-            terms: loss.terms,
+            terms,
             grad_norm: stats.grad_norm,
             clipped: stats.clipped,
             samples: batch.indices.len(),
@@ -385,6 +401,90 @@ impl Trainer {
         write_file(&dir.join("tokenizer.spm"), &self.tokenizer_bytes)?;
         Ok(dir.to_path_buf())
     }
+}
+
+/// What one replica hands back: its gradients, loss value and terms, and phase times.
+struct ReplicaResult {
+    grads: GradStore,
+    value: f64,
+    terms: std::collections::BTreeMap<String, f64>,
+    timing: StepTiming,
+}
+
+enum ReplicaError {
+    /// Non-finite predictions or loss: the run stops with this reason.
+    Stop(String),
+    Fail(Error),
+}
+
+impl From<candle_core::Error> for ReplicaError {
+    fn from(e: candle_core::Error) -> Self {
+        ReplicaError::Fail(e.into())
+    }
+}
+
+/// Forward, loss and backward of one replica's samples.
+fn replica_step(
+    model: &Deris,
+    inputs: &ModelInputs,
+    targets: &[Target],
+    coupling: BatchCoupling,
+    cfg: &LossConfig,
+    num_masks: f64,
+    mut rng: SplitMix64,
+) -> std::result::Result<ReplicaResult, ReplicaError> {
+    let mut timing = StepTiming::default();
+    let mut clock = Instant::now();
+    let mut lap = |field: &mut f64| {
+        *field = clock.elapsed().as_secs_f64();
+        clock = Instant::now();
+    };
+    let out = model.forward(inputs, coupling, &mut Taps::off())?;
+    lap(&mut timing.forward);
+    // The matcher cannot work on non-finite predictions: name them before it fails.
+    let mut scored = vec![("pred_masks", &out.pred_masks), ("pred_refer_logits", &out.pred_refer_logits), ("pred_existence", &out.pred_existence)];
+    for r in &out.aux {
+        scored.extend([("aux pred_masks", &r.pred_masks_lowres), ("aux pred_refer_logits", &r.pred_refer_logits)]);
+    }
+    for (name, t) in scored {
+        if !t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+            return Err(ReplicaError::Stop(format!("the model's {name} are not finite")));
+        }
+    }
+    let loss = deris_loss_with(&out, targets, cfg, num_masks, &mut rng)?;
+    let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    lap(&mut timing.loss);
+    if !value.is_finite() {
+        return Err(ReplicaError::Stop(format!("the loss is {value}")));
+    }
+    let grads = loss.total.backward()?;
+    lap(&mut timing.backward);
+    Ok(ReplicaResult { grads, value, terms: loss.terms, timing })
+}
+
+/// The mean over replicas of each trainable variable's gradient (DDP's all-reduce average); a
+/// variable without a gradient in some replica counts zero there.
+fn average_gradients(mut stores: Vec<GradStore>, vars: impl Iterator<Item = Tensor>) -> Result<GradStore> {
+    let n = stores.len();
+    let mut first = stores.remove(0);
+    if n == 1 {
+        return Ok(first);
+    }
+    for var in vars {
+        let mut sum: Option<Tensor> = first.remove(&var);
+        for s in &mut stores {
+            if let Some(g) = s.remove(&var) {
+                sum = Some(match sum {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        if let Some(g) = sum {
+            first.insert(&var, (g / n as f64)?);
+        }
+    }
+    Ok(first)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
