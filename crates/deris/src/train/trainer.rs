@@ -318,19 +318,16 @@ impl Trainer {
                 *terms.entry(k.clone()).or_insert(0.0) += v / replicas as f64;
             }
         }
-        let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), self.weights.trainable().values().map(|v| v.as_tensor().clone()))?;
-        let mut clock = Instant::now();
-        let mut lap = |field: &mut f64| {
-            *field = clock.elapsed().as_secs_f64();
-            clock = Instant::now();
-        };
+        let clock = Instant::now();
+        let vars = self.weights.trainable().values().map(|v| v.as_tensor().clone());
+        let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), vars)?;
         let factor = self.cfg.schedule.factor(epoch as usize);
         // Adam checks the gradients (finite norm, shapes) before it updates anything.
         let stats = match self.optim.step(&grads, factor) {
             Ok(stats) => stats,
             Err(e) => return Err(self.stop(step, b, batch, &e.to_string())),
         };
-        lap(&mut timing.optimizer);
+        timing.optimizer = clock.elapsed().as_secs_f64();
         self.state.step = step;
         self.state.epoch = epoch as usize;
         self.state.batch_in_epoch = b + 1;
