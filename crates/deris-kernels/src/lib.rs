@@ -36,6 +36,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
 mod autograd;
+pub mod bf16;
 pub mod conv2d;
 mod cpu_gemm;
 pub mod fused;
