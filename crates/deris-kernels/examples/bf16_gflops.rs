@@ -1,8 +1,13 @@
-//! Speed of the bf16 product ([`deris_kernels::bf16::matmul_bt`]) against the f32 `gemm` crate
-//! on one thread, on the `nn.Linear` shapes of DeRIS-B: `cargo run --release -p deris-kernels
-//! --example bf16_gflops`. Prints GFLOPS (2·m·n·k per second, best of several runs).
+//! Speed of the bf16 product against f32 on the `nn.Linear` shapes of DeRIS-B:
+//! `cargo run --release -p deris-kernels --example bf16_gflops`. Prints GFLOPS (2·m·n·k per
+//! second, best of several runs) of the bare products on one thread (`gemm` f32,
+//! [`deris_kernels::bf16::matmul_bt`]) and of [`deris_kernels::fused::linear`] (with its bias)
+//! on all threads in both [`Precision`]s.
 
 use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use deris_kernels::{fused, Precision};
 
 /// (what, m, k, n): BEiT-3 base (217 tokens), Swin-S stage 3 (784 tokens), Swin stage 1.
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -15,6 +20,14 @@ const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("swin3 fc1", 784, 384, 1536),
     ("swin3 fc2", 784, 1536, 384),
     ("swin1 qkv", 9604, 96, 288),
+    ("beit3 text", 20, 768, 2304),
+    ("text fc1", 20, 768, 3072),
+    ("text fc2", 20, 3072, 768),
+    ("query ffn", 10, 256, 2048),
+    ("query proj", 10, 256, 256),
+    ("4 rows", 4, 768, 768),
+    ("2 rows", 2, 256, 2048),
+    ("1 row", 1, 768, 768),
 ];
 
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -41,12 +54,27 @@ fn best(mut f: impl FnMut()) -> f64 {
     best
 }
 
+/// Best seconds of `linear(x, w, b)` in precision `p`.
+fn linear_s(x: &Tensor, w: &Tensor, b: &Tensor, p: Precision) -> candle_core::Result<f64> {
+    deris_kernels::set_precision(p)?;
+    let s = best(|| {
+        fused::linear(x, w, Some(b), fused::Activation::Identity, None).unwrap();
+    });
+    deris_kernels::set_precision(Precision::F32)?;
+    Ok(s)
+}
+
 fn main() -> candle_core::Result<()> {
     if !deris_kernels::bf16::available() {
         println!("this CPU lacks AVX512-BF16: nothing to measure");
         return Ok(());
     }
-    println!("{:<10} {:>5} {:>5} {:>5}  {:>9} {:>9}  {:>5}", "shape", "m", "k", "n", "f32 GF/s", "bf16 GF/s", "ratio");
+    let threads = rayon::current_num_threads();
+    println!("GFLOPS; product: one thread; linear: {threads} threads");
+    println!(
+        "{:<10} {:>5} {:>5} {:>5}  {:>11} {:>11} {:>5}  {:>10} {:>10} {:>5}",
+        "shape", "m", "k", "n", "product f32", "product bf16", "ratio", "linear f32", "linear bf16", "ratio"
+    );
     for &(what, m, k, n) in SHAPES {
         let (a, b) = (values(m * k, 1), values(n * k, 2));
         let mut c = vec![0f32; m * n];
@@ -58,8 +86,21 @@ fn main() -> candle_core::Result<()> {
         });
         let mut c16 = vec![0f32; m * n];
         let bf16_s = best(|| deris_kernels::bf16::matmul_bt(m, n, k, &a, k, &b, k, 1, &mut c16, n).unwrap());
+        let x = Tensor::from_vec(a, (m, k), &Device::Cpu)?;
+        let w = Tensor::from_vec(b, (n, k), &Device::Cpu)?;
+        let bias = Tensor::zeros(n, DType::F32, &Device::Cpu)?;
+        let lin_f32 = linear_s(&x, &w, &bias, Precision::F32)?;
+        let lin_bf16 = linear_s(&x, &w, &bias, Precision::Bf16)?;
         let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
-        println!("{what:<10} {m:>5} {k:>5} {n:>5}  {:>9.1} {:>9.1}  {:>5.2}", gf(f32_s), gf(bf16_s), f32_s / bf16_s);
+        println!(
+            "{what:<10} {m:>5} {k:>5} {n:>5}  {:>11.1} {:>11.1} {:>5.2}  {:>10.1} {:>10.1} {:>5.2}",
+            gf(f32_s),
+            gf(bf16_s),
+            f32_s / bf16_s,
+            gf(lin_f32),
+            gf(lin_bf16),
+            lin_f32 / lin_bf16
+        );
     }
     Ok(())
 }

@@ -57,7 +57,8 @@ pub fn matmul_bt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32],
     if !fits(a.len(), m, k, lda, 1) || !fits(b.len(), n, k, b_rs, b_cs) || !c_ok {
         bail!("bf16 matmul: an operand is out of bounds (m {m}, n {n}, k {k}; a {} at lda {lda}, b {} at strides ({b_rs}, {b_cs}), c {} at ldc {ldc})", a.len(), b.len(), c.len());
     }
-    let packed = PackedA::new(a, m, k, lda);
+    // SAFETY: the CPU has the features (checked above); A was checked to hold its rows.
+    let packed = unsafe { PackedA::new(a, m, k, lda) };
     // SAFETY: the CPU has the features (checked above); B and C were checked to hold the given
     // sizes at their strides, C's rows do not overlap, and `c` is borrowed mutably so it
     // aliases neither input.

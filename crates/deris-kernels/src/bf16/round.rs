@@ -22,28 +22,3 @@ pub fn to_bf16(x: f32) -> u16 {
 pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
-
-/// [`to_bf16`] of 16 lanes, each result in the low half of its 32-bit lane.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) fn round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let u = _mm512_castps_si512(v);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-    let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)));
-    let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    _mm512_mask_blend_epi32(is_nan, r, _mm512_set1_epi32(NAN as i32))
-}
-
-/// 32 consecutive values (`lo` then `hi`) rounded to bf16 and paired along k: lane `p` holds
-/// values `2p` (low half) and `2p + 1` (high half).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) fn pairs32(lo: std::arch::x86_64::__m512, hi: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let lo = _mm512_cvtepi32_epi16(round16(lo));
-    let hi = _mm512_cvtepi32_epi16(round16(hi));
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-}
