@@ -65,7 +65,7 @@ fn tiny_a() {
     }
     let diff = |name: &str| rel_diff(&bf16_out[name], common::get(&g, name));
     // (golden tensor, bound on max|Δ| / max(1, max|golden|)); measured: 4.5e-3, 1.2e-2,
-    // 3.0e-2, 6.9e-3, 5.8e-3, 1.1e-2, 2.3e-3, 3.6e-3.
+    // 2.8e-2, 7.0e-3, 6.1e-3, 1.1e-2, 2.3e-3, 3.6e-3.
     for (name, bound) in [
         ("beit.encoder_out", 1.5e-2),
         ("swin.res5", 4e-2),
@@ -89,7 +89,7 @@ fn tiny_a() {
         diff("out.pred_masks"),
         diff("out.pred_refer_logits")
     );
-    // Measured 0.13 and 0.18.
+    // Measured 0.12 and 0.19.
     assert!(diff("out.pred_masks") < 0.4 && scores < 0.5, "final outputs moved more than tiny-a's chaos explains");
 }
 
@@ -134,10 +134,10 @@ fn synth_tiny() {
         "synth-tiny bf16 vs f32 on {} sentences: {frac:.2e} of mask pixels flipped, worst sentence {worst_flip:.2e} of its f32 mask area, max score diff {worst_score:.2e}, {decisions} no-target decisions changed",
         items.len()
     );
-    // Measured: 4.6e-5 flipped, worst 2.6e-3 of a mask's area, scores 4.3e-3 apart.
+    // Measured: 4.6e-5 flipped, worst 3.6e-3 of a mask's area, scores 6.4e-3 apart.
     assert!(frac < 5e-4, "{frac} of the mask pixels flipped");
     assert!(worst_flip < 0.02, "a mask changed by {worst_flip} of its area");
-    assert!(worst_score < 1.5e-2, "scores moved by {worst_score}");
+    assert!(worst_score < 2e-2, "scores moved by {worst_score}");
     assert_eq!(decisions, 0, "no-target decisions changed");
 }
 

@@ -22,6 +22,10 @@ use candle_core::{bail, Result};
 pub(crate) use pack::{PackedA, MR};
 pub use round::{from_bf16, to_bf16};
 
+/// Fewest rows for which the f32 products of `linear` and the post-norm blocks switch to bf16 in
+/// bf16 mode: one row block. Below it (measured: 4 rows) packing costs more than it saves.
+pub(crate) const MIN_ROWS: usize = MR;
+
 /// k-pairs per packed slice of B: a 32-column panel of a slice is 128 · 32 words = 16 KiB.
 const KC_PAIRS: usize = 128;
 
@@ -62,7 +66,7 @@ pub fn matmul_bt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32],
     // SAFETY: the CPU has the features (checked above); B and C were checked to hold the given
     // sizes at their strides, C's rows do not overlap, and `c` is borrowed mutably so it
     // aliases neither input.
-    unsafe { matmul_packed(&packed, 0, m, n, b.as_ptr(), b_rs, b_cs, c.as_mut_ptr(), ldc) };
+    unsafe { matmul_packed(&packed, 0, m, n, b.as_ptr(), b_rs, b_cs, c.as_mut_ptr(), ldc, false) };
     Ok(())
 }
 
@@ -71,8 +75,9 @@ thread_local! {
     static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `C = A[row0..row0 + m]·Bᵀ` on the calling thread, with A packed, `B` `[n, k]` at strides
-/// `(b_rs, b_cs)` and `c` pointing at `C[row0, 0]`, `m` rows `ldc` apart.
+/// `C = A[row0..row0 + m]·Bᵀ` (or `C += …` when `accumulate`) on the calling thread, with A
+/// packed, `B` `[n, k]` at strides `(b_rs, b_cs)` and `c` pointing at `C[row0, 0]`, `m` rows
+/// `ldc` apart.
 ///
 /// # Safety
 /// [`available`] must be true; `row0` must be a multiple of [`MR`] and `row0 + m` at most A's
@@ -80,9 +85,9 @@ thread_local! {
 /// rows of `n` values `ldc` apart (`ldc ≥ n` when `m > 1`), written by no one else during the
 /// call and overlapping no input.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_packed(a: &PackedA, row0: usize, m: usize, n: usize, b: *const f32, b_rs: usize, b_cs: usize, c: *mut f32, ldc: usize) {
+pub(crate) unsafe fn matmul_packed(a: &PackedA, row0: usize, m: usize, n: usize, b: *const f32, b_rs: usize, b_cs: usize, c: *mut f32, ldc: usize, accumulate: bool) {
     let k = a.shape().1;
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || (k == 0 && accumulate) {
         return;
     }
     if k == 0 {
@@ -113,7 +118,7 @@ pub(crate) unsafe fn matmul_packed(a: &PackedA, row0: usize, m: usize, n: usize,
                     let ap = a.block((row0 + i) / MR)[p0 * MR..].as_ptr();
                     // SAFETY: the block and the panel hold `pl` packed pairs from `p0`; the C
                     // tile lies inside C (caller's contract); the CPU has the features.
-                    unsafe { rows_tile((m - i).min(MR), pl, ap, bp, c.add(i * ldc + panel * NR), ldc, cols, p0 > 0) };
+                    unsafe { rows_tile((m - i).min(MR), pl, ap, bp, c.add(i * ldc + panel * NR), ldc, cols, accumulate || p0 > 0) };
                 }
             }
             p0 += pl;

@@ -90,7 +90,7 @@ pub fn linear(
     // bf16 mode tiles of the bf16 product over the input packed once (from one full row block,
     // 8 rows, on: below that the dot products on the f32 weight in place are faster).
     let bf16 = precision() == Precision::Bf16;
-    let kernel = if m <= skinny::MAX_ROWS && w_cs == 1 && skinny::available() && !(bf16 && m >= BF16_MIN_ROWS) {
+    let kernel = if m <= skinny::MAX_ROWS && w_cs == 1 && skinny::available() && !(bf16 && m >= bf16::MIN_ROWS) {
         Kernel::Skinny
     } else if bf16 {
         // SAFETY: `set_precision` let Bf16 through only on a CPU with AVX512-BF16; x holds m
@@ -121,7 +121,7 @@ pub fn linear(
                 Kernel::Skinny => skinny::skinny_gemm(mm, nn, k, xd.as_ptr().add(m0 * k), k, w, w_rs, tile, n),
                 #[cfg(not(target_arch = "x86_64"))]
                 Kernel::Skinny => {}
-                Kernel::Bf16(packed) => bf16::matmul_packed(packed, m0, mm, nn, w, w_rs, w_cs, tile, n),
+                Kernel::Bf16(packed) => bf16::matmul_packed(packed, m0, mm, nn, w, w_rs, w_cs, tile, n, false),
                 Kernel::Gemm => gemm::gemm(
                     mm,
                     nn,
@@ -198,10 +198,6 @@ enum Kernel {
     /// The bf16 product ([`crate::Precision::Bf16`]) over the input rounded and packed once.
     Bf16(bf16::PackedA),
 }
-
-/// Fewest rows for which bf16 mode uses the bf16 product rather than the f32 skinny one
-/// (measured: 4 rows run faster in f32, 10 in bf16).
-const BF16_MIN_ROWS: usize = 8;
 
 // bf16 tiles must start on a packed row block: row tiles are multiples of 16 rows.
 const _: () = assert!(16 % bf16::MR == 0);
