@@ -21,6 +21,9 @@ pub(crate) const MR: usize = 8;
 /// Columns of B per packed panel: two AVX-512 registers of f32 sums.
 pub(crate) const NR: usize = 32;
 
+// `pack_a_blocks` fills two blocks from the 16 lanes of one transposed register.
+const _: () = assert!(2 * MR == 16);
+
 /// The word of k-pair `p` of a row: `row[2p]` and `row[2p + 1]` (zero past the row's end), for
 /// strided operands.
 fn pair_word(row: &[f32], p: usize) -> u32 {
