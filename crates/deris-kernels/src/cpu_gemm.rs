@@ -1,8 +1,12 @@
 //! A bounds-checked front to the `gemm` crate (the GEMM candle's CPU backend uses), for the ops
 //! that fuse work around a matrix product: a bias pre-filled into the destination, the taps of
-//! a convolution accumulated into one output, strided operands read in place.
+//! a convolution accumulated into one output, strided operands read in place; and, for the
+//! products of `nn.Linear` layers, the bf16 product in bf16 mode ([`matmul_serial_linear`]).
 
-use candle_core::{bail, Result, WithDType};
+use candle_core::{bail, DType, Result, WithDType};
+
+use crate::bf16;
+use crate::precision::{precision, Precision};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +44,48 @@ pub(crate) fn matmul_serial<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: Mat
     matmul_with(dst, dst_rs, lhs, rhs, accumulate, gemm::Parallelism::None)
 }
 
+/// [`matmul_serial`] for the products of `nn.Linear` layers (`rhs` = a weight's transpose): in
+/// bf16 mode ([`crate::Precision::Bf16`]) f32 products of at least [`bf16::MIN_ROWS`] rows with
+/// a unit-stride `lhs` round both operands to bf16 and sum in f32 ([`bf16`]); f32 otherwise.
+pub(crate) fn matmul_serial_linear<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>, rhs: MatRef<T>, accumulate: bool) -> Result<()> {
+    let bf16 = precision() == Precision::Bf16 && T::DTYPE == DType::F32 && lhs.rows >= bf16::MIN_ROWS && lhs.cs == 1;
+    if !bf16 {
+        return matmul_serial(dst, dst_rs, lhs, rhs, accumulate);
+    }
+    check(dst, dst_rs, &lhs, &rhs)?;
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    // SAFETY: T is f32 (checked above), so the slices are f32 slices of the same length.
+    let (a, b, c) = unsafe {
+        (
+            std::slice::from_raw_parts(lhs.data.as_ptr().cast::<f32>(), lhs.data.len()),
+            std::slice::from_raw_parts(rhs.data.as_ptr().cast::<f32>(), rhs.data.len()),
+            std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+        )
+    };
+    // SAFETY: `set_precision` let Bf16 through only on a CPU with AVX512-BF16; `check` put the
+    // rows of lhs (unit column stride), rhs and dst inside their slices, dst's rows apart; dst
+    // is borrowed mutably, so it aliases no input. B = rhsᵀ: B[j, t] = rhs[t, j].
+    unsafe {
+        let packed = bf16::PackedA::new(a, m, k, lhs.rs);
+        bf16::matmul_packed(&packed, 0, m, n, b.as_ptr(), rhs.cs, rhs.rs, c.as_mut_ptr(), dst_rs, accumulate);
+    }
+    Ok(())
+}
+
+/// Errors unless `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` chains and every operand lies inside
+/// its slice (`dst` rows `dst_rs` apart, not overlapping).
+fn check<T>(dst: &[T], dst_rs: usize, lhs: &MatRef<T>, rhs: &MatRef<T>) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        bail!("cpu gemm: [{m}, {k}] · [{}, {n}] do not chain", rhs.rows);
+    }
+    let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
+    if !lhs.in_bounds() || !rhs.in_bounds() || !dst_ok {
+        bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
+    }
+    Ok(())
+}
+
 fn matmul_with<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
@@ -49,16 +95,10 @@ fn matmul_with<T: WithDType>(
     threads: gemm::Parallelism,
 ) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if !matches!(T::DTYPE, candle_core::DType::F32 | candle_core::DType::F64) {
+    if !matches!(T::DTYPE, DType::F32 | DType::F64) {
         bail!("cpu gemm: unsupported dtype {:?}", T::DTYPE);
     }
-    if rhs.rows != k {
-        bail!("cpu gemm: [{m}, {k}] · [{}, {n}] do not chain", rhs.rows);
-    }
-    let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
-    if !lhs.in_bounds() || !rhs.in_bounds() || !dst_ok {
-        bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
-    }
+    check(dst, dst_rs, &lhs, &rhs)?;
     if m == 0 || n == 0 {
         return Ok(());
     }

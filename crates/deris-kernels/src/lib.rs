@@ -21,6 +21,8 @@
 //! - [`group_norm`](fn@group_norm): `nn.GroupNorm` (+ ReLU) in two passes per group.
 //! - [`resize_bilinear`](fn@resize_bilinear): `F.interpolate(mode="bilinear")` as a direct
 //!   separable kernel.
+//! - [`bf16`]: products with bf16 operands and f32 sums (AVX512-BF16), which [`fused::linear`]
+//!   uses when the process-wide [`Precision`] is `Bf16` ([`set_precision`]; f32 by default).
 //!
 //! The last four take their fast path for f32/f64 CPU tensors that track no gradient. When an
 //! input tracks a gradient on the CPU (training), linear, layer_norm, attention, conv2d's bias,
@@ -36,12 +38,14 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::panic))]
 
 mod autograd;
+pub mod bf16;
 pub mod conv2d;
 mod cpu_gemm;
 pub mod fused;
 pub mod group_norm;
 pub mod ms_deform_attn;
 pub mod post_norm;
+pub mod precision;
 pub mod resize;
 mod simd;
 mod storage;
@@ -49,4 +53,5 @@ mod storage;
 pub use conv2d::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use ms_deform_attn::{ms_deform_attn, ms_deform_attn_reference};
+pub use precision::{precision, set_precision, Precision};
 pub use resize::{resize_bilinear, resize_bilinear_reference};

@@ -10,7 +10,8 @@
 //! hidden activations stay in cache, the bias and the residual are pre-filled into the product's
 //! destination, and nothing waits on a thread pool between the steps. The LayerNorm is written
 //! here (two passes per row: mean, then the variance of the centred values, partial sums in
-//! f64); it is the same function as `nn.LayerNorm`, local to these fused blocks.
+//! f64); it is the same function as `nn.LayerNorm`, local to these fused blocks. In bf16 mode
+//! ([`crate::Precision::Bf16`]) the products of blocks of 8 rows or more run in bf16.
 //!
 //! Each takes this path on the CPU for f32/f64 when no input tracks a gradient, and otherwise
 //! its `_reference` twin built from primitive ops (candle's gradients, any device).
@@ -268,7 +269,7 @@ fn linear_block<T: WithDType>(v: &Views<T>, (_, k, c): (usize, usize, usize), r0
     let r = o.len() / c;
     prefill(o, &res[r0 * c..(r0 + r) * c], v.get(2), c);
     let lhs = MatRef { data: &x[r0 * k..(r0 + r) * k], rows: r, cols: k, rs: k, cs: 1 };
-    cpu_gemm::matmul_serial(o, c, lhs, MatRef { data: w, rows: k, cols: c, rs: 1, cs: k }, true)
+    cpu_gemm::matmul_serial_linear(o, c, lhs, MatRef { data: w, rows: k, cols: c, rs: 1, cs: k }, true)
 }
 
 /// Rows `r0..` of `x + linear2(relu(linear1(x)))` (inputs: x, W1, b1, W2, b2).
@@ -285,11 +286,11 @@ fn ffn_block<T: WithDType>(v: &Views<T>, (_, c, f): (usize, usize, usize), r0: u
         }
     }
     let lhs = MatRef { data: xs, rows: r, cols: c, rs: c, cs: 1 };
-    cpu_gemm::matmul_serial(&mut hidden, f, lhs, MatRef { data: w1, rows: c, cols: f, rs: 1, cs: c }, true)?;
+    cpu_gemm::matmul_serial_linear(&mut hidden, f, lhs, MatRef { data: w1, rows: c, cols: f, rs: 1, cs: c }, true)?;
     relu_in_place(&mut hidden);
     prefill(o, xs, v.get(4), c);
     let lhs = MatRef { data: &hidden, rows: r, cols: f, rs: f, cs: 1 };
-    cpu_gemm::matmul_serial(o, c, lhs, MatRef { data: w2, rows: f, cols: c, rs: 1, cs: f }, true)
+    cpu_gemm::matmul_serial_linear(o, c, lhs, MatRef { data: w2, rows: f, cols: c, rs: 1, cs: f }, true)
 }
 
 /// `o = residual + bias` (row-wise broadcast of the bias).

@@ -9,7 +9,8 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use deris_kernels::Precision;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
@@ -155,6 +156,29 @@ pub struct RuntimeConfig {
     /// Whether images in a batch influence each other (the authors' `query_SA` quirk).
     #[serde(default)]
     pub batch_coupling: BatchCoupling,
+    /// Arithmetic of the CPU `linear` products at inference: `"f32"` (the default, the
+    /// reference results) or `"bf16"` (operands rounded to bf16, f32 sums: about twice as fast,
+    /// needs a CPU with AVX512-BF16). Process-wide: [`crate::Segmenter::load`] applies it with
+    /// [`set_precision`]. Training ignores it (its ops track gradients and always run in f32).
+    #[serde(default, serialize_with = "precision_to_str", deserialize_with = "precision_from_str")]
+    pub precision: Precision,
+}
+
+fn precision_to_str<S: Serializer>(p: &Precision, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(p.name())
+}
+
+fn precision_from_str<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Precision, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e: String| serde::de::Error::custom(format!("runtime.precision: {e}")))
+}
+
+/// Makes `p` the precision of every later CPU `linear` product in this process (all models):
+/// [`deris_kernels::set_precision`].
+///
+/// Errors: [`Error::Config`] (`runtime.precision`) for `bf16` on a CPU without AVX512-BF16.
+pub fn set_precision(p: Precision) -> Result<()> {
+    deris_kernels::set_precision(p).map_err(|e| Error::Config { field: "runtime.precision".into(), reason: e.to_string() })
 }
 
 /// How the loopback's `query_SA` treats the batch.
@@ -333,6 +357,7 @@ impl DerisConfig {
                 score_threshold,
                 mask_threshold: 0.5,
                 batch_coupling: BatchCoupling::PerImage,
+                precision: Precision::F32,
             },
         }
     }
@@ -480,6 +505,21 @@ mod tests {
             assert_eq!(p.name().parse::<Preset>().unwrap(), p);
         }
         assert_eq!(DerisConfig::deris_b_refcoco().beit_vision_positions(), 199);
+    }
+
+    #[test]
+    fn precision_defaults_to_f32_and_rejects_unknown_names() {
+        let mut v: serde_json::Value = serde_json::from_str(&DerisConfig::deris_b_refcoco().to_json()).unwrap();
+        assert_eq!(v["runtime"]["precision"], "f32");
+        v["runtime"].as_object_mut().unwrap().remove("precision");
+        let c: DerisConfig = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(c.runtime.precision, Precision::F32, "missing field: f32");
+        v["runtime"]["precision"] = "bf16".into();
+        let c: DerisConfig = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(c.runtime.precision, Precision::Bf16);
+        v["runtime"]["precision"] = "fp16".into();
+        let e = serde_json::from_value::<DerisConfig>(v).unwrap_err().to_string();
+        assert!(e.contains("runtime.precision") && e.contains("fp16"), "{e}");
     }
 
     #[test]

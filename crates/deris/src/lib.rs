@@ -36,7 +36,8 @@ pub mod taps;
 pub mod train;
 pub mod viz;
 
-pub use config::{BatchCoupling, DerisConfig, Preset};
+pub use config::{set_precision, BatchCoupling, DerisConfig, Preset};
+pub use deris_kernels::Precision;
 pub use model::{Deris, DerisOutput, ModelInputs};
 pub use output::Prediction;
 pub use pipeline::{Segmenter, Weights};

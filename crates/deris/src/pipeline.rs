@@ -101,13 +101,16 @@ const _: fn() = || {
 impl Segmenter {
     /// Loads the tokenizer, checks it against the model's vocabulary, then builds the model from
     /// `weights` on `device`. Post-processing uses `cfg.runtime` (the authors' per-model score
-    /// threshold; see [`Segmenter::with_score_threshold`]).
+    /// threshold; see [`Segmenter::with_score_threshold`]). Sets the process-wide precision of
+    /// the CPU `linear` products to `cfg.runtime.precision` ([`crate::set_precision`]), which
+    /// then holds for every model in the process.
     ///
-    /// Errors: [`Error::Config`] for an invalid config or a tokenizer whose ids do not fit the
-    /// model's text embedding; [`Error::Io`]/[`Error::Tokenizer`] for the tokenizer file;
+    /// Errors: [`Error::Config`] for an invalid config (`bf16` on a CPU without AVX512-BF16
+    /// included) or a tokenizer whose ids do not fit the model's text embedding; [`Error::Io`]/[`Error::Tokenizer`] for the tokenizer file;
     /// [`Error::Checkpoint`]/[`Error::KeyMismatch`] for the weights.
     pub fn load(cfg: &DerisConfig, weights: &Weights, tokenizer: &Path, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        crate::set_precision(cfg.runtime.precision)?;
         let tok = Tokenizer::from_file(tokenizer)?;
         check_vocab(cfg, &tok, Some(tokenizer))?;
         let model = match weights {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use deris::checkpoint::{self, Checkpoint};
 use deris::model::{Deris, ModelInputs, StageTimes};
 use deris::post::{self, PostParams};
-use deris::{DerisConfig, Taps};
+use deris::{DerisConfig, Precision, Taps};
 
 /// Arguments of `deris bench`.
 #[derive(clap::Args, Debug)]
@@ -40,12 +40,18 @@ pub struct Args {
     /// cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: super::DeviceArg,
+    /// Arithmetic of the CPU `linear` products: f32, or bf16 (operands rounded to bf16, f32
+    /// sums; needs AVX512-BF16) [default: the config's runtime.precision, f32].
+    #[arg(long)]
+    precision: Option<Precision>,
 }
 
 #[derive(Serialize)]
 struct Report {
     config: String,
     device: String,
+    /// Arithmetic of the CPU `linear` products: "f32" or "bf16".
+    precision: String,
     batch: usize,
     runs: usize,
     threads: usize,
@@ -78,6 +84,8 @@ pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.batch > 0 && a.runs > 0, "--batch and --runs must be positive");
     let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
     let device = a.device.open()?;
+    let precision = a.precision.unwrap_or(cfg.runtime.precision);
+    deris::set_precision(precision).context("--precision")?;
     let gpu_watch = super::GpuMemWatch::start(&device)?;
     let gpu_base_mib = gpu_watch.as_ref().map(super::GpuMemWatch::first_mib);
     let t0 = Instant::now();
@@ -132,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
     let report = Report {
         config: cfg.name.clone(),
         device: a.device.to_string(),
+        precision: precision.to_string(),
         batch: a.batch,
         runs: a.runs,
         threads: candle_core::utils::get_num_threads(),
@@ -156,8 +165,8 @@ pub fn run(a: Args) -> Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "{} · {} · batch {} · {} runs · {} threads · built in {:.2} s",
-        r.config, r.device, r.batch, r.runs, r.threads, r.build_s
+        "{} · {} · {} · batch {} · {} runs · {} threads · built in {:.2} s",
+        r.config, r.device, r.precision, r.batch, r.runs, r.threads, r.build_s
     );
     println!("| stage | median s |\n|---|---|");
     for (k, v) in [

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use deris::{BatchCoupling, DerisConfig, Segmenter, Weights};
+use deris::{BatchCoupling, DerisConfig, Precision, Segmenter, Weights};
 
 /// The config of --weights when --config is not given.
 const DEFAULT_CONFIG: &str = "deris-b-refcoco";
@@ -42,11 +42,16 @@ pub struct ModelArgs {
     /// CPU threads for the model and image decoding [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Arithmetic of the CPU `linear` products: f32, or bf16 (operands rounded to bf16, f32
+    /// sums: about twice as fast, masks differ slightly; needs AVX512-BF16) [default: the
+    /// config's runtime.precision, f32].
+    #[arg(long)]
+    pub precision: Option<Precision>,
 }
 
 impl ModelArgs {
     /// Caps the worker threads (before any pool starts), then loads config, tokenizer and weights
-    /// and applies --threshold and the batch coupling.
+    /// and applies --threshold, the batch coupling and --precision.
     pub fn load(&self) -> Result<Segmenter> {
         let device = self.device.open()?;
         let weights = match (&self.weights, self.random_weights) {
@@ -75,6 +80,9 @@ impl ModelArgs {
         }
         if self.reference_batch_coupling {
             segmenter = segmenter.with_batch_coupling(BatchCoupling::Reference);
+        }
+        if let Some(p) = self.precision {
+            deris::set_precision(p).context("--precision")?;
         }
         Ok(segmenter)
     }

@@ -8,7 +8,8 @@ use candle_core::{bail, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
-use crate::autograd;
+use crate::precision::{precision, Precision};
+use crate::{autograd, bf16};
 use super::{cpu_f32, fast_path, rows_per_task, skinny, Output};
 
 /// Elementwise activation applied after the bias.
@@ -22,7 +23,8 @@ pub enum Activation {
 /// `act(x·weightᵀ + bias) + residual`.
 ///
 /// Runs the fused kernel on f32 CPU tensors that need no gradient, [`linear_reference`]
-/// otherwise.
+/// otherwise. In [`Precision::Bf16`] mode the fused kernel's product (of 8 rows or more) rounds
+/// `x` and `weight` to bf16 and sums in f32.
 ///
 /// # Shapes
 /// - `x`: `[.., K]`; `weight`: `[N, K]` (`nn.Linear` layout, any strides); `bias`: `[N]`
@@ -84,9 +86,23 @@ pub fn linear(
     let wd = &ws.data()[ws.layout.start_offset()..];
 
     let mut out = Output::new(m * n);
-    // Few rows: dot products on the weight in place (no packing); otherwise gemm tiles.
-    let skinny = m <= skinny::MAX_ROWS && w_cs == 1 && skinny::available();
-    let (mc, nc) = if skinny { (m, skinny_cols(n, k)) } else { tile_sizes(m, n, k) };
+    // Few rows: dot products on the weight in place (no packing); otherwise gemm tiles, or in
+    // bf16 mode tiles of the bf16 product over the input packed once (from one full row block,
+    // 8 rows, on: below that the dot products on the f32 weight in place are faster).
+    let bf16 = precision() == Precision::Bf16;
+    let kernel = if m <= skinny::MAX_ROWS && w_cs == 1 && skinny::available() && !(bf16 && m >= bf16::MIN_ROWS) {
+        Kernel::Skinny
+    } else if bf16 {
+        // SAFETY: `set_precision` let Bf16 through only on a CPU with AVX512-BF16; x holds m
+        // rows of k values.
+        Kernel::Bf16(unsafe { bf16::PackedA::new(xd, m, k, k) })
+    } else {
+        Kernel::Gemm
+    };
+    let (mc, nc) = match kernel {
+        Kernel::Skinny => (m, skinny_cols(n, k)),
+        _ => tile_sizes(m, n, k),
+    };
     let (tm, tn) = (m.div_ceil(mc), n.div_ceil(nc));
     let dst = out.ptr();
     let task = |t: usize| {
@@ -94,15 +110,19 @@ pub fn linear(
         let (mm, nn) = (mc.min(m - m0), nc.min(n - n0));
         // SAFETY: tile (m0.., n0..) of the m×n output is written by this task only (the product
         // writes all of it before the epilogue reads it); the operands are read inside their
-        // bounds (x is m×k contiguous, weight n×k with its strides).
+        // bounds (x is m×k contiguous, weight n×k with its strides). Each kernel runs only where
+        // its CPU check passed (skinny: `available`; bf16: `set_precision` checked the CPU);
+        // m0 is a multiple of 16, so of the bf16 row block.
         unsafe {
             let tile = dst.get().add(m0 * n + n0);
-            #[cfg(target_arch = "x86_64")]
-            if skinny {
-                skinny::skinny_gemm(mm, nn, k, xd.as_ptr().add(m0 * k), k, wd.as_ptr().add(n0 * w_rs), w_rs, tile, n);
-            }
-            if !skinny {
-                gemm::gemm(
+            let w = wd.as_ptr().add(n0 * w_rs);
+            match &kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Skinny => skinny::skinny_gemm(mm, nn, k, xd.as_ptr().add(m0 * k), k, w, w_rs, tile, n),
+                #[cfg(not(target_arch = "x86_64"))]
+                Kernel::Skinny => {}
+                Kernel::Bf16(packed) => bf16::matmul_packed(packed, m0, mm, nn, w, w_rs, w_cs, tile, n, false),
+                Kernel::Gemm => gemm::gemm(
                     mm,
                     nn,
                     k,
@@ -113,7 +133,7 @@ pub fn linear(
                     xd.as_ptr().add(m0 * k),
                     1,
                     k as isize,
-                    wd.as_ptr().add(n0 * w_rs),
+                    w,
                     w_rs as isize,
                     w_cs as isize,
                     0.0,
@@ -122,7 +142,7 @@ pub fn linear(
                     false,
                     false,
                     gemm::Parallelism::None,
-                );
+                ),
             }
             for r in 0..mm {
                 let row = std::slice::from_raw_parts_mut(tile.add(r * n), nn);
@@ -168,6 +188,19 @@ pub fn linear_reference(
         None => Ok(y),
     }
 }
+
+/// The product of a tile.
+enum Kernel {
+    /// [`skinny::skinny_gemm`] on the operands in place.
+    Skinny,
+    /// `gemm`'s f32 product.
+    Gemm,
+    /// The bf16 product ([`crate::Precision::Bf16`]) over the input rounded and packed once.
+    Bf16(bf16::PackedA),
+}
+
+// bf16 tiles must start on a packed row block: row tiles are multiples of 16 rows.
+const _: () = assert!(16 % bf16::MR == 0);
 
 /// Output columns per task of a skinny product: about four tasks per thread, at least 32 columns.
 fn skinny_cols(n: usize, k: usize) -> usize {

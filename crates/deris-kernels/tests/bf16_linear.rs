@@ -1,0 +1,121 @@
+//! [`fused::linear`] and the post-norm blocks in bf16 mode against their `_reference` twins on
+//! inputs rounded to bf16 by candle (`to_dtype(BF16)`, round to nearest even): the tiles, the
+//! row blocks of tiles past the first, strided weights, the epilogue and the row count where the
+//! f32 products take over; and f32 mode unchanged around them.
+//!
+//! Its own test binary: the precision is process-wide, so one test function runs the steps in
+//! order. Skips (with the reason printed) on CPUs without AVX512-BF16.
+
+use candle_core::{DType, Device, Result, Tensor};
+use deris_kernels::fused::{self, Activation};
+use deris_kernels::post_norm::{self, Dense, Norm};
+use deris_kernels::{set_precision, Precision};
+
+/// Deterministic values in `[-s, s)`.
+fn rand(shape: &[usize], seed: u64, s: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn to_bf16(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[test]
+fn bf16_products_match_rounded_references() -> Result<()> {
+    if !deris_kernels::bf16::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        assert!(set_precision(Precision::Bf16).is_err(), "bf16 must be refused without AVX512-BF16");
+        return Ok(());
+    }
+    linear_cases()?;
+    post_norm_cases()
+}
+
+/// `ffn_residual_norm` and `linear_residual_norm` (blocks of rows: 700 rows make several; 5 rows
+/// stay f32); the FFN's reference rounds its hidden activations too.
+fn post_norm_cases() -> Result<()> {
+    for (i, &(m, c, f)) in [(700usize, 64usize, 129usize), (40, 96, 256), (5, 32, 64)].iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let x = rand(&[m, c], seed, 2.0)?;
+        let (w1, b1) = (rand(&[f, c], seed + 1, 0.3)?, rand(&[f], seed + 2, 0.5)?);
+        let (w2, b2) = (rand(&[c, f], seed + 3, 0.3)?, rand(&[c], seed + 4, 0.5)?);
+        let (g, beta) = ((rand(&[c], seed + 5, 0.5)? + 1.0)?, rand(&[c], seed + 6, 0.5)?);
+        let norm = Norm { weight: &g, bias: Some(&beta), eps: 1e-5 };
+        let (l1, l2) = (Dense { weight: &w1, bias: Some(&b1) }, Dense { weight: &w2, bias: Some(&b2) });
+        let f32_ffn = post_norm::ffn_residual_norm(&x, l1, l2, norm)?;
+        let hidden = rand(&[m, f], seed + 7, 1.0)?;
+        let lin_f32 = post_norm::linear_residual_norm(&hidden, l2, &x, norm)?;
+        set_precision(Precision::Bf16)?;
+        let ffn = post_norm::ffn_residual_norm(&x, l1, l2, norm)?;
+        let lin = post_norm::linear_residual_norm(&hidden, l2, &x, norm)?;
+        set_precision(Precision::F32)?;
+        let (ffn_want, lin_want) = if m < 8 {
+            (f32_ffn.clone(), lin_f32.clone())
+        } else {
+            let (w1r, w2r) = (to_bf16(&w1)?, to_bf16(&w2)?);
+            let h = fused::linear_reference(&to_bf16(&x)?, &w1r, Some(&b1), Activation::Identity, None)?.relu()?;
+            let ffn = post_norm::linear_residual_norm_reference(&to_bf16(&h)?, Dense { weight: &w2r, bias: Some(&b2) }, &x, norm)?;
+            let lin = post_norm::linear_residual_norm_reference(&to_bf16(&hidden)?, Dense { weight: &w2r, bias: Some(&b2) }, &x, norm)?;
+            (ffn, lin)
+        };
+        for (what, got, want, f32_out) in [("ffn", &ffn, &ffn_want, &f32_ffn), ("linear", &lin, &lin_want, &lin_f32)] {
+            let d = max_abs(&(got - want)?)?;
+            let moved = max_abs(&(got - f32_out)?)?;
+            println!("post-norm {what} m {m} c {c} f {f}: |bf16 − rounded reference| {d:.2e}, |bf16 − f32| {moved:.2e}");
+            // Normalised outputs (scale ~1), f32 sums in another order (measured ≤ 1e-6).
+            assert!(d < 2e-5, "{what} m {m}: max |Δ| {d:e}");
+            if m >= 8 {
+                assert!(moved > 1e-3, "{what} m {m}: bf16 mode gave the f32 result");
+            } else {
+                assert_eq!(moved, 0.0, "{what} m {m}: few rows stay f32");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn linear_cases() -> Result<()> {
+    // (rows, k, n, weight stored transposed): row tiles past the first (m > 256), odd k and n,
+    // one row block (8 rows: bf16), and 5 rows (the f32 skinny product).
+    let cases = [(300, 129, 700, false), (217, 96, 288, true), (37, 768, 100, false), (8, 33, 65, false), (5, 64, 96, false)];
+    for (i, &(m, k, n, transposed)) in cases.iter().enumerate() {
+        let seed = 10 * i as u64;
+        let x = rand(&[1, m, k], seed, 2.0)?;
+        let w = if transposed { rand(&[k, n], seed + 1, 0.2)?.t()? } else { rand(&[n, k], seed + 1, 0.2)? };
+        let b = rand(&[n], seed + 2, 0.5)?;
+        let r = rand(&[1, m, n], seed + 3, 1.0)?;
+        let f32_out = fused::linear(&x, &w, Some(&b), Activation::GeluErf, Some(&r))?;
+        set_precision(Precision::Bf16)?;
+        let got = fused::linear(&x, &w, Some(&b), Activation::GeluErf, Some(&r))?;
+        set_precision(Precision::F32)?;
+        let want = if m < 8 { f32_out.clone() } else { fused::linear_reference(&to_bf16(&x)?, &to_bf16(&w)?, Some(&b), Activation::GeluErf, Some(&r))? };
+        let d = max_abs(&(&got - &want)?)?;
+        let moved = max_abs(&(&got - &f32_out)?)?;
+        println!("m {m} k {k} n {n}: |bf16 − rounded reference| {d:.2e}, |bf16 − f32| {moved:.2e}");
+        // Only the order of the f32 sums differs from the reference (GELU has slope ≤ 1.13).
+        assert!(d < 2e-5 * (k as f32).sqrt(), "m {m} k {k} n {n}: max |Δ| {d:e}");
+        if m >= 8 {
+            assert!(moved > 1e-4, "m {m}: bf16 mode gave the f32 result");
+        } else {
+            assert_eq!(moved, 0.0, "m {m}: few rows stay f32");
+        }
+        let again = fused::linear(&x, &w, Some(&b), Activation::GeluErf, Some(&r))?;
+        assert_eq!(max_abs(&(&again - &f32_out)?)?, 0.0, "f32 mode changed after a bf16 run");
+    }
+    Ok(())
+}
+
