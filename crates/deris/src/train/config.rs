@@ -110,7 +110,7 @@ pub struct TrainConfig {
     /// Data-parallel replicas, the authors' GPUs (TRAIN-EVAL-SPEC §5.9): each takes
     /// `batch_size / replicas` samples on its own thread, computes the loss with its own
     /// cross-entropy and existence means and the global mean target count, and the gradients
-    /// are averaged. On a CPU this also uses the cores that one small model cannot keep busy.
+    /// are averaged.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
     #[serde(default = "default_epochs")]
