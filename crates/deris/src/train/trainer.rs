@@ -302,7 +302,7 @@ impl Trainer {
             match result {
                 Ok(r) => done.push(r),
                 Err(ReplicaError::Stop(what)) => return Err(self.stop(step, b, batch, &what)),
-                Err(ReplicaError::Fail(e)) => return Err(e),
+                Err(ReplicaError::Fail(e)) => return Err(*e),
             }
         }
         let mut timing = StepTiming::default();
@@ -411,12 +411,12 @@ struct ReplicaResult {
 enum ReplicaError {
     /// Non-finite predictions or loss: the run stops with this reason.
     Stop(String),
-    Fail(Error),
+    Fail(Box<Error>),
 }
 
 impl From<candle_core::Error> for ReplicaError {
     fn from(e: candle_core::Error) -> Self {
-        ReplicaError::Fail(e.into())
+        ReplicaError::Fail(Box::new(e.into()))
     }
 }
 
