@@ -6,25 +6,14 @@
 //! Its own test binary: the precision is process-wide, so one test function runs the steps in
 //! order. Skips (with the reason printed) on CPUs without AVX512-BF16.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use deris_kernels::fused::{self, Activation};
 use deris_kernels::post_norm::{self, Dense, Norm};
 use deris_kernels::{set_precision, Precision};
 
-/// Deterministic values in `[-s, s)`.
-fn rand(shape: &[usize], seed: u64, s: f32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
+mod common;
+use common::rand;
+
 
 fn to_bf16(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)

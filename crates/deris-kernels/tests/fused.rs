@@ -4,20 +4,9 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use deris_kernels::fused::{self, Activation};
 
-/// Deterministic uniform values in `[-s, s)`.
-fn rand(shape: &[usize], seed: u64, s: f32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
+mod common;
+use common::rand;
+
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     assert_eq!(a.dims(), b.dims());

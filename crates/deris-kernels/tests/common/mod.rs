@@ -1,4 +1,4 @@
-//! Inputs and helpers shared by the MSDeformAttn tests (CPU and CUDA).
+//! Inputs and helpers shared by the kernel tests (MSDeformAttn on CPU and CUDA, fused ops, bf16).
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -145,3 +145,18 @@ pub fn cotangent(sz: Sizes, dtype: DType, seed: u64) -> Result<Tensor> {
 }
 
 pub const NAMES: [&str; 3] = ["value", "sampling_locations", "attention_weights"];
+
+/// Deterministic uniform values in `[-s, s)` (xorshift), as an f32 CPU tensor of `shape`.
+pub fn rand(shape: &[usize], seed: u64, s: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
