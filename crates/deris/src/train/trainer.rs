@@ -292,11 +292,7 @@ impl Trainer {
         let run = |(r, (inputs, targets)): (usize, (ModelInputs, &[Target]))| {
             replica_step(&model, &inputs, targets, coupling, loss_cfg, num_masks, SplitMix64::from_key(&[LOSS_STREAM, seed, step, r as u64]))
         };
-        let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = if replicas == 1 {
-            parts.into_iter().enumerate().map(run).collect()
-        } else {
-            parts.into_par_iter().enumerate().map(run).collect()
-        };
+        let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = parts.into_par_iter().enumerate().map(run).collect();
         let mut done = Vec::with_capacity(replicas);
         for result in results {
             match result {
