@@ -82,6 +82,7 @@ struct StagesJson {
 
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.batch > 0 && a.runs > 0, "--batch and --runs must be positive");
+    super::threads::configure(None, None)?;
     let cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
     let device = a.device.open()?;
     let precision = a.precision.unwrap_or(cfg.runtime.precision);

@@ -46,6 +46,7 @@ pub struct Args {
 const INPUTS: [&str; 4] = ["input.img", "input.img_mini", "input.ref_expr_inds", "input.text_attention_mask"];
 
 pub fn run(a: Args) -> Result<()> {
+    super::threads::configure(None, None)?;
     let mut cfg = DerisConfig::from_name_or_path(&a.config).with_context(|| format!("loading config '{}'", a.config))?;
     if let Some(t) = a.threshold {
         cfg.runtime.score_threshold = t;

@@ -10,6 +10,7 @@ pub mod model_args;
 pub mod prepare;
 pub mod segment;
 pub mod synth;
+pub mod threads;
 pub mod tokenize;
 pub mod train;
 

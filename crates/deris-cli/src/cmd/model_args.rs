@@ -89,13 +89,7 @@ impl ModelArgs {
 
     /// Applies --threads; call first, before anything starts a thread pool.
     pub fn apply_threads(&self) -> Result<()> {
-        let Some(n) = self.threads else { return Ok(()) };
-        ensure!(n > 0, "--threads must be at least 1");
-        // Only the main thread runs at this point, so changing the environment is sound.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
-        Ok(())
+        super::threads::configure(self.threads, None)
     }
 
     /// The files these flags read, so that no output replaces one of them.

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -41,11 +41,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(n) = args.threads {
-        ensure!(n > 0, "--threads must be at least 1");
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
-    }
     let mut cfg = TrainConfig::from_file(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     if let Some(d) = &args.data {
         cfg.data.annotations = d.join("grefs").join("instances.json");
@@ -58,6 +53,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.max_minutes.is_some() {
         cfg.max_minutes = args.max_minutes;
     }
+    // Replicas run side by side, one per core: each runs its element-wise ops on its own thread
+    // (measured on 2 cores: 0.136 s/step with 2 replicas this way, 0.246 with 1 replica on both).
+    super::threads::configure(args.threads, (cfg.replicas > 1).then_some(1))?;
     let device = args.device.open()?;
     let mut trainer = Trainer::new(cfg, &args.out, args.resume.as_deref(), &device).context("setting up training")?;
 
