@@ -22,7 +22,8 @@
 //! - [`resize_bilinear`](fn@resize_bilinear): `F.interpolate(mode="bilinear")` as a direct
 //!   separable kernel.
 //! - [`bf16`]: products with bf16 operands and f32 sums (AVX512-BF16), which [`fused::linear`]
-//!   uses when the process-wide [`Precision`] is `Bf16` ([`set_precision`]; f32 by default).
+//!   uses when the process-wide [`Precision`] is `Bf16` ([`set_precision`]; f32 by default), and
+//!   [`fused::linear_bf16`] always, on a weight packed to bf16 once ([`fused::pack_weight`]).
 //!
 //! The last four take their fast path for f32/f64 CPU tensors that track no gradient. When an
 //! input tracks a gradient on the CPU (training), linear, layer_norm, attention, conv2d's bias,

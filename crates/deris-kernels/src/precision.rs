@@ -5,7 +5,9 @@
 //! ([`crate::bf16`]), about twice as fast on CPUs with AVX512-BF16; every other op (attention
 //! products, convolutions, norms) stays f32. Only the inference fast path reads the setting:
 //! training, which runs the ops of `autograd` on tensors that track gradients, and non-CPU
-//! devices always compute in f32.
+//! devices always compute in f32. A weight packed to bf16 beforehand
+//! ([`fused::pack_weight`](crate::fused::pack_weight), for
+//! [`fused::linear_bf16`](crate::fused::linear_bf16)) computes in bf16 whatever the setting.
 
 use std::fmt;
 use std::str::FromStr;
@@ -55,7 +57,8 @@ impl FromStr for Precision {
 /// The process-wide setting: 0 = f32, 1 = bf16.
 static PRECISION: AtomicU8 = AtomicU8::new(0);
 
-/// Sets the precision of every later CPU `linear` in this process (all models, all threads).
+/// Sets the precision of every later CPU `linear` on an f32 weight in this process (all models,
+/// all threads).
 ///
 /// Errors, leaving the setting unchanged, when `Bf16` is asked for on a CPU without
 /// AVX512-BF16.

@@ -1,10 +1,12 @@
 //! The bf16 product ([`deris_kernels::bf16::matmul_bt`]) against f64 products of the same
 //! bf16-rounded inputs (only summation order and f32 sums may differ) and against the f32
 //! product (within bf16's rounding), on shapes that miss every block size; and the rounding
-//! against hand-derived bit patterns. On CPUs without AVX512-BF16 the product tests print why
-//! and skip.
+//! against hand-derived bit patterns; a weight packed once ([`PackedWeight`]) against packing
+//! on every call, bit for bit. On CPUs without AVX512-BF16 the product tests print why and skip.
 
-use deris_kernels::bf16::{self, from_bf16, to_bf16};
+use deris_kernels::bf16::{self, from_bf16, to_bf16, PackedWeight};
+
+mod common;
 
 /// A small deterministic generator (xorshift64*), so failures are reproducible.
 struct Rng(u64);
@@ -160,4 +162,57 @@ fn empty_and_out_of_bounds() {
     assert!(bf16::matmul_bt(2, 3, 4, &[0.0; 7], 4, &[0.0; 12], 4, 1, &mut c, 3).is_err(), "short A");
     assert!(bf16::matmul_bt(2, 3, 4, &[0.0; 8], 4, &[0.0; 11], 4, 1, &mut c, 3).is_err(), "short B");
     assert!(bf16::matmul_bt(2, 3, 4, &[0.0; 8], 4, &[0.0; 12], 4, 1, &mut c[..5], 3).is_err(), "short C");
+}
+
+/// `len` values in `[-2, 2)` from the shared generator.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    common::rand(&[len], seed, 2.0).unwrap().to_vec1().unwrap()
+}
+
+/// A weight packed once gives the bits of the product that packs it on every call: every m up to
+/// 20 (whole 8-row blocks and their 4-, 2- and 1-row tails), k odd, under and past the 256-value
+/// slices (not a multiple of them), n under, at and past the 32-column panels; rows padded and
+/// the weight stored transposed (the strided packing).
+#[test]
+fn prepacked_weight_gives_the_same_bits() {
+    if skip() {
+        return;
+    }
+    let shapes = [(1, 1), (5, 3), (31, 17), (32, 256), (33, 259), (47, 300), (100, 513), (64, 600)];
+    for (s, &(n, k)) in shapes.iter().enumerate() {
+        for transposed in [false, true] {
+            let (rs, cs) = if transposed { (1, n + 1) } else { (k + 5, 1) };
+            let w = values((n - 1) * rs + (k - 1) * cs + 1, 2 * s as u64 + transposed as u64);
+            let packed = PackedWeight::new(&w, n, k, rs, cs).unwrap();
+            assert_eq!(packed.shape(), (n, k));
+            for m in 1..=20 {
+                let (lda, ldc) = (k + 3, n + 2);
+                let a = values((m - 1) * lda + k, 1000 + 20 * s as u64 + m as u64);
+                let (mut want, mut got) = (vec![f32::NAN; (m - 1) * ldc + n + 1], vec![f32::NAN; (m - 1) * ldc + n + 1]);
+                bf16::matmul_bt(m, n, k, &a, lda, &w, rs, cs, &mut want, ldc).unwrap();
+                bf16::matmul_bt_prepacked(m, &a, lda, &packed, &mut got, ldc).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "m {m} n {n} k {k} transposed {transposed}");
+            }
+        }
+    }
+}
+
+#[test]
+fn prepacked_empty_and_out_of_bounds() {
+    if skip() {
+        return;
+    }
+    assert!(PackedWeight::new(&[0.0; 11], 3, 4, 4, 1).is_err(), "short weight");
+    let w = PackedWeight::new(&[0.5; 12], 3, 4, 4, 1).unwrap();
+    let mut c = vec![1f32; 6];
+    assert!(bf16::matmul_bt_prepacked(2, &[0.0; 7], 4, &w, &mut c, 3).is_err(), "short A");
+    assert!(bf16::matmul_bt_prepacked(2, &[0.0; 8], 4, &w, &mut c[..5], 3).is_err(), "short C");
+    bf16::matmul_bt_prepacked(0, &[], 4, &w, &mut c, 3).unwrap();
+    assert_eq!(c, [1.0; 6], "no rows write nothing");
+    let none = PackedWeight::new(&[], 3, 0, 0, 1).unwrap();
+    bf16::matmul_bt_prepacked(2, &[], 0, &none, &mut c, 3).unwrap();
+    assert_eq!(c, [0.0; 6], "k = 0 gives zeros");
+    let empty = PackedWeight::new(&[], 0, 4, 4, 1).unwrap();
+    bf16::matmul_bt_prepacked(2, &[0.0; 8], 4, &empty, &mut [], 0).unwrap();
 }

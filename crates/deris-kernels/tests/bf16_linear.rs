@@ -1,7 +1,8 @@
 //! [`fused::linear`] and the post-norm blocks in bf16 mode against their `_reference` twins on
 //! inputs rounded to bf16 by candle (`to_dtype(BF16)`, round to nearest even): the tiles, the
 //! row blocks of tiles past the first, strided weights, the epilogue and the row count where the
-//! f32 products take over; and f32 mode unchanged around them.
+//! f32 products take over; and f32 mode unchanged around them. [`fused::linear_bf16`] on a
+//! prepacked weight against `linear` in bf16 mode, bit for bit.
 //!
 //! Its own test binary: the precision is process-wide, so one test function runs the steps in
 //! order. Skips (with the reason printed) on CPUs without AVX512-BF16.
@@ -31,7 +32,59 @@ fn bf16_products_match_rounded_references() -> Result<()> {
         return Ok(());
     }
     linear_cases()?;
-    post_norm_cases()
+    post_norm_cases()?;
+    prepacked_cases()
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+}
+
+/// `linear_bf16` on a prepacked weight gives the bits of `linear` in bf16 mode, whatever the
+/// precision when it runs, on 2 threads: there `linear` cuts 600×400 into column tiles of 112
+/// (starting off the 32-column panels) and `linear_bf16` into tiles of 128. Every row count
+/// 8..=20 (row blocks and tails), odd k, k past the 256-value slices, n past and under 32, a
+/// transposed weight, with and without the epilogue. Below 8 rows (where `linear` stays f32) it
+/// still computes in bf16: against the reference on rounded inputs.
+fn prepacked_cases() -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().map_err(candle_core::Error::wrap)?;
+    let mut cases = vec![(600usize, 64usize, 400usize, false), (300, 129, 700, false), (217, 96, 288, true), (37, 768, 100, false), (9, 3, 5, true)];
+    cases.extend((8..=20).map(|m| (m, 259, 47, false)));
+    for (i, &(m, k, n, transposed)) in cases.iter().enumerate() {
+        let seed = 500 + 10 * i as u64;
+        let x = rand(&[1, m, k], seed, 2.0)?;
+        let w = if transposed { rand(&[k, n], seed + 1, 0.2)?.t()? } else { rand(&[n, k], seed + 1, 0.2)? };
+        let b = rand(&[n], seed + 2, 0.5)?;
+        let r = rand(&[1, m, n], seed + 3, 1.0)?;
+        let packed = fused::pack_weight(&w)?;
+        for (act, bias, res) in [(Activation::GeluErf, Some(&b), Some(&r)), (Activation::Identity, None, None)] {
+            set_precision(Precision::Bf16)?;
+            let want = pool.install(|| fused::linear(&x, &w, bias, act, res))?;
+            let got = pool.install(|| fused::linear_bf16(&x, &packed, bias, act, res))?;
+            set_precision(Precision::F32)?;
+            let later = fused::linear_bf16(&x, &packed, bias, act, res)?;
+            let what = format!("m {m} k {k} n {n} transposed {transposed} {act:?}");
+            assert_eq!(bits(&got)?, bits(&want)?, "{what}: prepacked differs from packing per call");
+            assert_eq!(bits(&later)?, bits(&want)?, "{what}: prepacked in f32 mode differs");
+        }
+    }
+    for m in [1, 3, 7] {
+        let (k, n) = (70, 40);
+        let x = rand(&[m, k], 900 + m as u64, 2.0)?;
+        let w = rand(&[n, k], 901, 0.2)?;
+        let got = fused::linear_bf16(&x, &fused::pack_weight(&w)?, None, Activation::Identity, None)?;
+        let want = fused::linear_reference(&to_bf16(&x)?, &to_bf16(&w)?, None, Activation::Identity, None)?;
+        let d = max_abs(&(&got - &want)?)?;
+        println!("prepacked m {m}: |bf16 − rounded reference| {d:.2e}");
+        assert!(d < 2e-5 * (k as f32).sqrt(), "m {m}: max |Δ| {d:e}");
+    }
+    let packed = fused::pack_weight(&rand(&[6, 4], 1, 1.0)?)?;
+    let empty = fused::linear_bf16(&Tensor::zeros((0, 4), DType::F32, &candle_core::Device::Cpu)?, &packed, None, Activation::Identity, None)?;
+    assert_eq!(empty.dims(), [0, 6]);
+    let tracked = candle_core::Var::from_tensor(&rand(&[8, 4], 2, 1.0)?)?;
+    assert!(fused::linear_bf16(tracked.as_tensor(), &packed, None, Activation::Identity, None).is_err(), "no gradient through a packed weight");
+    assert!(fused::linear_bf16(&rand(&[8, 3], 3, 1.0)?, &packed, None, Activation::Identity, None).is_err(), "k mismatch");
+    Ok(())
 }
 
 /// `ffn_residual_norm` and `linear_residual_norm` (blocks of rows: 700 rows make several; 5 rows

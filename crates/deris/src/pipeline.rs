@@ -103,7 +103,8 @@ impl Segmenter {
     /// `weights` on `device`. Post-processing uses `cfg.runtime` (the authors' per-model score
     /// threshold; see [`Segmenter::with_score_threshold`]). Sets the process-wide precision of
     /// the CPU `linear` products to `cfg.runtime.precision` ([`crate::set_precision`]), which
-    /// then holds for every model in the process.
+    /// then holds for every model in the process, before building the model: in bf16 mode the
+    /// model keeps its linear weights in bf16 ([`crate::nn::fused::Linear`]).
     ///
     /// Errors: [`Error::Config`] for an invalid config (`bf16` on a CPU without AVX512-BF16
     /// included) or a tokenizer whose ids do not fit the model's text embedding; [`Error::Io`]/[`Error::Tokenizer`] for the tokenizer file;

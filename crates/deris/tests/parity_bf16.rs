@@ -10,6 +10,10 @@
 //!   decisions of bf16 against f32 on generated scenes: the accuracy a user sees.
 //! - Switching back to f32 gives the f32 results bit for bit, and `Segmenter::load` applies
 //!   `runtime.precision`.
+//! - A model built in bf16 mode (linear weights packed to bf16 once) gives the bits of a model
+//!   built in f32 mode and run in bf16 mode (weights packed on every call), and stays bf16 after
+//!   the switch back to f32; on tiny-a's weights (whose 5-query layers it runs in bf16 too) it
+//!   meets the same bounds against the golden tensors.
 //!
 //! Its own test binary: the precision is process-wide, so no other test may run beside it. One
 //! test function, steps in order. Skips (with the reason printed) on CPUs without AVX512-BF16.
@@ -44,17 +48,29 @@ fn bits(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
 }
 
-fn tiny_a() {
-    let g = common::golden();
+type Golden = std::collections::HashMap<String, Tensor>;
+
+/// tiny-a's golden inputs.
+fn golden_inputs(g: &Golden) -> ModelInputs {
+    ModelInputs {
+        img: common::get(g, "input.img").clone(),
+        img_mini: common::get(g, "input.img_mini").clone(),
+        ref_expr_inds: common::get(g, "input.ref_expr_inds").clone(),
+        text_attention_mask: common::get(g, "input.text_attention_mask").clone(),
+    }
+}
+
+/// tiny-a with its trained weights, built in the current precision.
+fn tiny_a_model() -> Deris {
     let cfg = common::tiny_a_config();
     let ckpt = Checkpoint::open(&common::fixture("tiny-a/weights.safetensors")).unwrap();
-    let model = checkpoint::load_strict(&ckpt, DType::F32, &Device::Cpu, &cfg.name, |vb| Deris::new(&cfg, vb)).unwrap();
-    let x = ModelInputs {
-        img: common::get(&g, "input.img").clone(),
-        img_mini: common::get(&g, "input.img_mini").clone(),
-        ref_expr_inds: common::get(&g, "input.ref_expr_inds").clone(),
-        text_attention_mask: common::get(&g, "input.text_attention_mask").clone(),
-    };
+    checkpoint::load_strict(&ckpt, DType::F32, &Device::Cpu, &cfg.name, |vb| Deris::new(&cfg, vb)).unwrap()
+}
+
+fn tiny_a() {
+    let g = common::golden();
+    let model = tiny_a_model();
+    let x = golden_inputs(&g);
     let f32_out = run(&model, &x);
     deris::set_precision(Precision::Bf16).unwrap();
     let bf16_out = run(&model, &x);
@@ -63,23 +79,8 @@ fn tiny_a() {
     for (name, t) in &f32_out {
         assert_eq!(bits(t), bits(&again[name]), "{name}: f32 after bf16 is not bit-identical to f32 before");
     }
+    within_golden_bounds("bf16", &bf16_out, &g);
     let diff = |name: &str| rel_diff(&bf16_out[name], common::get(&g, name));
-    // (golden tensor, bound on max|Δ| / max(1, max|golden|)); measured: 4.5e-3, 1.2e-2,
-    // 2.8e-2, 7.0e-3, 6.1e-3, 1.1e-2, 2.3e-3, 3.6e-3.
-    for (name, bound) in [
-        ("beit.encoder_out", 1.5e-2),
-        ("swin.res5", 4e-2),
-        ("pixel_decoder.multi_scale_features.0", 1e-1),
-        ("pixel_decoder.mask_features", 2e-2),
-        ("predictor.fused_mask_features", 2e-2),
-        ("predictor.round0.mask_logits_lowres", 4e-2),
-        ("predictor.round0.query_out", 1e-2),
-        ("predictor.round0.refer_logits", 1e-2),
-    ] {
-        let d = diff(name);
-        println!("tiny-a bf16 vs golden: {name:40} {d:.2e}");
-        assert!(d < bound, "{name}: moved {d:e} of its scale (bound {bound:e})");
-    }
     let f32_masks = diff_f32(&f32_out, &g, "out.pred_masks");
     assert!(diff("out.pred_masks") > 100.0 * f32_masks.max(1e-7), "bf16 mode changed nothing: is the bf16 product used?");
     let flips = common::flip_fraction(&bf16_out["post.final_mask"], common::get(&g, "post.final_mask"));
@@ -93,8 +94,61 @@ fn tiny_a() {
     assert!(diff("out.pred_masks") < 0.4 && scores < 0.5, "final outputs moved more than tiny-a's chaos explains");
 }
 
-fn diff_f32(out: &BTreeMap<String, Tensor>, g: &std::collections::HashMap<String, Tensor>, name: &str) -> f32 {
+/// The encoders and the first prediction round of a bf16 run of tiny-a against the golden f32
+/// tensors.
+fn within_golden_bounds(what: &str, out: &BTreeMap<String, Tensor>, g: &Golden) {
+    // (golden tensor, bound on max|Δ| / max(1, max|golden|)); measured: 4.5e-3, 1.2e-2,
+    // 2.8e-2, 7.0e-3, 6.1e-3, 1.1e-2, 2.3e-3, 3.6e-3.
+    for (name, bound) in [
+        ("beit.encoder_out", 1.5e-2),
+        ("swin.res5", 4e-2),
+        ("pixel_decoder.multi_scale_features.0", 1e-1),
+        ("pixel_decoder.mask_features", 2e-2),
+        ("predictor.fused_mask_features", 2e-2),
+        ("predictor.round0.mask_logits_lowres", 4e-2),
+        ("predictor.round0.query_out", 1e-2),
+        ("predictor.round0.refer_logits", 1e-2),
+    ] {
+        let d = rel_diff(&out[name], common::get(g, name));
+        println!("tiny-a {what} vs golden: {name:40} {d:.2e}");
+        assert!(d < bound, "{what} {name}: moved {d:e} of its scale (bound {bound:e})");
+    }
+}
+
+fn diff_f32(out: &BTreeMap<String, Tensor>, g: &Golden, name: &str) -> f32 {
     rel_diff(&out[name], common::get(g, name))
+}
+
+/// A model built in bf16 mode against the same model built in f32 mode and run in bf16 mode:
+/// bit for bit, on tiny-a's config with 8 queries (random weights, golden inputs; with 5
+/// queries its query layers have 5 rows, which the packed weights run in bf16 and the f32 ones
+/// in f32). Switched back to f32 mode, its encoders (only `nn::fused::Linear` layers, all
+/// packed) still give the bf16 bits. Then tiny-a itself built in bf16 mode, against the golden
+/// bounds.
+fn prepacked() {
+    let g = common::golden();
+    let x = golden_inputs(&g);
+    let mut cfg = common::tiny_a_config();
+    (cfg.understanding.num_queries, cfg.predictor.num_queries) = (8, 8);
+    let build = || Deris::new(&cfg, checkpoint::random_var_builder(3, DType::F32, &Device::Cpu)).unwrap();
+    let per_call = build();
+    let f32_out = run(&per_call, &x);
+    deris::set_precision(Precision::Bf16).unwrap();
+    let want = run(&per_call, &x);
+    let packed = build();
+    let got = run(&packed, &x);
+    let tiny_a_out = run(&tiny_a_model(), &x);
+    deris::set_precision(Precision::F32).unwrap();
+    let later = run(&packed, &x);
+    for (name, t) in &want {
+        assert_eq!(bits(&got[name]), bits(t), "{name}: built in bf16 mode differs from packing per call");
+    }
+    println!("built in bf16 mode: {} tensors bit-identical to packing per call", want.len());
+    for name in ["beit.encoder_out", "swin.res5"] {
+        assert_eq!(bits(&later[name]), bits(&want[name]), "{name}: built in bf16 mode, run in f32 mode, is not bf16");
+        assert_ne!(bits(&later[name]), bits(&f32_out[name]), "{name}: bf16 mode changed nothing: is the bf16 product used?");
+    }
+    within_golden_bounds("built in bf16", &tiny_a_out, &g);
 }
 
 /// f32 and bf16 predictions of the embedded model on generated scenes.
@@ -151,6 +205,7 @@ fn bf16_mode() {
     assert_eq!(deris_kernels::precision(), Precision::F32, "f32 is the default");
     tiny_a();
     synth_tiny();
+    prepacked();
 
     // The config's runtime.precision reaches the kernels through Segmenter::load.
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/demo-tiny.json");

@@ -51,9 +51,13 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Caps the worker threads (before any pool starts), then loads config, tokenizer and weights
-    /// and applies --threshold, the batch coupling and --precision.
+    /// and applies --threshold, the batch coupling and --precision (before the model is built:
+    /// a model built in bf16 mode keeps its linear weights in bf16).
     pub fn load(&self) -> Result<Segmenter> {
         let device = self.device.open()?;
+        if let Some(p) = self.precision {
+            deris::set_precision(p).context("--precision")?;
+        }
         let weights = match (&self.weights, self.random_weights) {
             (Some(w), _) => Some(Weights::File(w.clone())),
             (None, Some(seed)) => Some(Weights::Random { seed }),
@@ -67,7 +71,9 @@ impl ModelArgs {
             (Some(_), None) => bail!("--weights and --random-weights need --tokenizer (the model's beit3.spm)"),
             (Some(weights), Some(tokenizer)) => {
                 let name = self.config.as_deref().unwrap_or(DEFAULT_CONFIG);
-                let cfg = DerisConfig::from_name_or_path(name).with_context(|| format!("loading config '{name}'"))?;
+                let mut cfg = DerisConfig::from_name_or_path(name).with_context(|| format!("loading config '{name}'"))?;
+                // Segmenter::load sets the config's precision: --precision overrides it.
+                cfg.runtime.precision = self.precision.unwrap_or(cfg.runtime.precision);
                 let what = match &weights {
                     Weights::File(p) => format!("loading model '{}' from {}", cfg.name, p.display()),
                     Weights::Random { seed } => format!("building model '{}' with random weights (seed {seed})", cfg.name),
@@ -80,9 +86,6 @@ impl ModelArgs {
         }
         if self.reference_batch_coupling {
             segmenter = segmenter.with_batch_coupling(BatchCoupling::Reference);
-        }
-        if let Some(p) = self.precision {
-            deris::set_precision(p).context("--precision")?;
         }
         Ok(segmenter)
     }

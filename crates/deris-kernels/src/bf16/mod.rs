@@ -4,12 +4,14 @@
 //! f32 products, for about three significant digits in each operand.
 //!
 //! Only on x86-64 CPUs with AVX512-BF16 ([`available`]: AMD Zen 4+, Intel Cooper Lake and
-//! Sapphire Rapids+). Used by [`crate::fused::linear`] when [`crate::Precision::Bf16`] is set.
+//! Sapphire Rapids+). Used by [`crate::fused::linear`] when [`crate::Precision::Bf16`] is set,
+//! and by [`crate::fused::linear_bf16`] on a [`PackedWeight`].
 //!
 //! A is packed once for all of k ([`pack::PackedA`], shared by the tiles of a parallel product);
 //! B is packed by slices of [`KC_PAIRS`] k-pairs ([`pack::pack_b`]), and every 32-column panel
 //! of a slice (16 KiB, in L1) meets every [`pack::MR`]-row block of A (from L2) in the
-//! microkernel ([`kernel`]).
+//! microkernel ([`kernel`]). A weight used for many products can be packed once instead
+//! ([`PackedWeight`], [`matmul_bt_prepacked`]): the same words, so the same results bit for bit.
 
 mod kernel;
 mod pack;
@@ -19,7 +21,8 @@ use std::cell::RefCell;
 
 use candle_core::{bail, Result};
 
-pub(crate) use pack::{PackedA, MR};
+pub(crate) use pack::{PackedA, MR, NR};
+pub use pack::PackedWeight;
 pub use round::{from_bf16, to_bf16};
 
 /// Fewest rows for which the f32 products of `linear` and the post-norm blocks switch to bf16 in
@@ -41,6 +44,22 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether a `[rows, cols]` matrix at strides `(rs, cs)` lies inside `len` values.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// Whether `c` holds `m` rows of `n` values `ldc` apart that do not overlap.
+fn fits_c(c: &[f32], m: usize, n: usize, ldc: usize) -> bool {
+    fits(c.len(), m, n, ldc, 1) && (m <= 1 || ldc >= n)
+}
+
+/// The k slices of a product with `kp` k-pairs: `(p0, pl)`, [`KC_PAIRS`] pairs each but the last.
+/// Every product sums over them in this order, which fixes its rounding.
+fn slices(kp: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..kp).step_by(KC_PAIRS).map(move |p0| (p0, KC_PAIRS.min(kp - p0)))
+}
+
 /// `c[i·ldc + j] = Σₜ bf16(a[i·lda + t])·bf16(b[j·b_rs + t·b_cs])` for `i < m`, `j < n`,
 /// `t < k`, summed in f32 (bf16 subnormals count as zero, as in `vdpbf16ps`). Packs A with
 /// rayon; the product runs on the calling thread.
@@ -56,9 +75,7 @@ pub fn matmul_bt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32],
     if !available() {
         bail!("bf16 matmul: this CPU lacks AVX512-BF16");
     }
-    let fits = |len: usize, rows: usize, cols: usize, rs: usize, cs: usize| rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len;
-    let c_ok = fits(c.len(), m, n, ldc, 1) && (m <= 1 || ldc >= n);
-    if !fits(a.len(), m, k, lda, 1) || !fits(b.len(), n, k, b_rs, b_cs) || !c_ok {
+    if !fits(a.len(), m, k, lda, 1) || !fits(b.len(), n, k, b_rs, b_cs) || !fits_c(c, m, n, ldc) {
         bail!("bf16 matmul: an operand is out of bounds (m {m}, n {n}, k {k}; a {} at lda {lda}, b {} at strides ({b_rs}, {b_cs}), c {} at ldc {ldc})", a.len(), b.len(), c.len());
     }
     // SAFETY: the CPU has the features (checked above); A was checked to hold its rows.
@@ -70,14 +87,37 @@ pub fn matmul_bt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32],
     Ok(())
 }
 
+/// [`matmul_bt`] with the weight packed beforehand ([`PackedWeight::new`]): `c[i·ldc + j] =
+/// Σₜ bf16(a[i·lda + t])·bf16(w[j, t])`, bit for bit what [`matmul_bt`] gives on the weight the
+/// packed one was made from. Packs A with rayon; the product runs on the calling thread.
+///
+/// # Shapes
+/// - `a`: `[m, k]` row-major with row stride `lda`; `w`: `[n, k]`
+/// - `c`: `[m, n]` row-major with row stride `ldc`, overwritten
+///
+/// Errors when an operand is too short for its sizes and strides.
+pub fn matmul_bt_prepacked(m: usize, a: &[f32], lda: usize, w: &PackedWeight, c: &mut [f32], ldc: usize) -> Result<()> {
+    let (n, k) = w.shape();
+    if !fits(a.len(), m, k, lda, 1) || !fits_c(c, m, n, ldc) {
+        bail!("bf16 matmul: an operand is out of bounds (m {m}, n {n}, k {k}; a {} at lda {lda}, c {} at ldc {ldc})", a.len(), c.len());
+    }
+    // SAFETY: a PackedWeight exists only on a CPU with the features (its constructor checked);
+    // A was checked to hold its rows.
+    let packed = unsafe { PackedA::new(a, m, k, lda) };
+    // SAFETY: as above; A has k values per row like the weight; C was checked to hold m rows of n
+    // values that do not overlap, and `c` is borrowed mutably so it aliases neither input.
+    unsafe { matmul_prepacked(&packed, 0, m, w, 0, n, c.as_mut_ptr(), ldc, false) };
+    Ok(())
+}
+
 thread_local! {
     /// The packed B slice of this thread's products.
     static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `C = A[row0..row0 + m]·Bᵀ` (or `C += …` when `accumulate`) on the calling thread, with A
-/// packed, `B` `[n, k]` at strides `(b_rs, b_cs)` and `c` pointing at `C[row0, 0]`, `m` rows
-/// `ldc` apart.
+/// packed, `B` `[n, k]` at strides `(b_rs, b_cs)` packed here slice by slice, and `c` pointing
+/// at `C[row0, 0]`, `m` rows `ldc` apart.
 ///
 /// # Safety
 /// [`available`] must be true; `row0` must be a multiple of [`MR`] and `row0 + m` at most A's
@@ -86,44 +126,90 @@ thread_local! {
 /// call and overlapping no input.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_packed(a: &PackedA, row0: usize, m: usize, n: usize, b: *const f32, b_rs: usize, b_cs: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-    let k = a.shape().1;
-    if m == 0 || n == 0 || (k == 0 && accumulate) {
+    // SAFETY: C holds the m rows (caller's contract).
+    if unsafe { without_sums(a.shape().1, m, n, c, ldc, accumulate) } {
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    PACKED_B.with_borrow_mut(|packed_b| {
+        let k = a.shape().1;
+        let words = n.div_ceil(NR) * KC_PAIRS.min(a.kp()) * NR;
+        if packed_b.len() < words {
+            packed_b.resize(words, 0);
+        }
+        for (p0, pl) in slices(a.kp()) {
+            // SAFETY: B holds n rows of k values (caller's contract), p0 < kp, the buffer was
+            // sized above for `pl ≤ KC_PAIRS.min(kp)` pairs; the CPU has the features.
+            unsafe { pack::pack_b(b, b_rs, b_cs, n, k, p0, pl, packed_b) };
+            // SAFETY: the caller's contract on A's rows and C; the buffer holds the slice's
+            // panels of all n columns.
+            unsafe { slice_product(a, row0, m, n, p0, pl, packed_b, c, ldc, accumulate) };
+        }
+    });
+}
+
+/// [`matmul_packed`] with B = columns `col0..col0 + n` of a prepacked weight (`C[i, j]` takes
+/// weight row `col0 + j`): the same sums in the same order, so the same bits.
+///
+/// # Safety
+/// [`available`] must be true; `row0` must be a multiple of [`MR`] and `row0 + m` at most A's
+/// rows; A and the weight must have the same k; `col0` must be a multiple of [`NR`] and
+/// `col0 + n` at most the weight's rows; C as for [`matmul_packed`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_prepacked(a: &PackedA, row0: usize, m: usize, w: &PackedWeight, col0: usize, n: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    debug_assert!(a.shape().1 == w.shape().1 && col0.is_multiple_of(NR) && col0 + n <= w.shape().0);
+    // SAFETY: C holds the m rows (caller's contract).
+    if unsafe { without_sums(a.shape().1, m, n, c, ldc, accumulate) } {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for (p0, pl) in slices(a.kp()) {
+        // SAFETY: the caller's contract on A's rows and C; the weight's slice from panel
+        // col0 / NR on holds `pl` pairs of the panels of columns col0..col0 + n (same k as A).
+        unsafe { slice_product(a, row0, m, n, p0, pl, w.slice_from(p0, col0), c, ldc, accumulate) };
+    }
+}
+
+/// The products with nothing to sum: none for no rows or columns, or for k = 0 when
+/// accumulating; zeros in C for k = 0 otherwise. Returns whether the product was one of them.
+///
+/// # Safety
+/// C must be valid for `m` rows of `n` values `ldc` apart, written by no one else.
+unsafe fn without_sums(k: usize, m: usize, n: usize, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
+    if m == 0 || n == 0 || (k == 0 && accumulate) {
+        return true;
     }
     if k == 0 {
         for i in 0..m {
             // SAFETY: row i of C (caller's contract).
             unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
         }
-        return;
+        return true;
     }
-    #[cfg(target_arch = "x86_64")]
-    PACKED_B.with_borrow_mut(|packed_b| {
-        use pack::NR;
-        let kp = a.kp();
-        let slice = KC_PAIRS.min(kp);
-        if packed_b.len() < n.div_ceil(NR) * slice * NR {
-            packed_b.resize(n.div_ceil(NR) * slice * NR, 0);
+    false
+}
+
+/// The k-pairs `p0..p0 + pl` of a product: every panel of the packed slice `panels` (the
+/// `n.div_ceil(NR)` panels of `pl` pairs of B's columns `0..n`) against every row block of A's
+/// rows `row0..row0 + m`, written to C (`c` at `C[row0, 0]`, rows `ldc` apart) for the first
+/// slice of a product that does not accumulate, added to it otherwise.
+///
+/// # Safety
+/// [`available`] must be true; `row0` a multiple of [`MR`], `row0 + m` at most A's rows,
+/// `p0 + pl ≤ kp`; `panels` must hold the `n.div_ceil(NR)` panels; C as for [`matmul_packed`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn slice_product(a: &PackedA, row0: usize, m: usize, n: usize, p0: usize, pl: usize, panels: &[u32], c: *mut f32, ldc: usize, accumulate: bool) {
+    for panel in 0..n.div_ceil(NR) {
+        let cols = (n - panel * NR).min(NR);
+        let bp = panels[panel * pl * NR..][..pl * NR].as_ptr();
+        for i in (0..m).step_by(MR) {
+            let ap = a.block((row0 + i) / MR)[p0 * MR..].as_ptr();
+            // SAFETY: the block and the panel hold `pl` packed pairs from `p0`; the C tile lies
+            // inside C (caller's contract); the CPU has the features.
+            unsafe { rows_tile((m - i).min(MR), pl, ap, bp, c.add(i * ldc + panel * NR), ldc, cols, accumulate || p0 > 0) };
         }
-        let mut p0 = 0;
-        while p0 < kp {
-            let pl = slice.min(kp - p0);
-            // SAFETY: B holds n rows of k values (caller's contract), p0 < kp, the buffer was
-            // sized above for `slice ≥ pl` pairs; the CPU has the features.
-            unsafe { pack::pack_b(b, b_rs, b_cs, n, k, p0, pl, packed_b) };
-            for panel in 0..n.div_ceil(NR) {
-                let cols = (n - panel * NR).min(NR);
-                let bp = packed_b[panel * pl * NR..].as_ptr();
-                for i in (0..m).step_by(MR) {
-                    let ap = a.block((row0 + i) / MR)[p0 * MR..].as_ptr();
-                    // SAFETY: the block and the panel hold `pl` packed pairs from `p0`; the C
-                    // tile lies inside C (caller's contract); the CPU has the features.
-                    unsafe { rows_tile((m - i).min(MR), pl, ap, bp, c.add(i * ldc + panel * NR), ldc, cols, accumulate || p0 > 0) };
-                }
-            }
-            p0 += pl;
-        }
-    });
+    }
 }
 
 /// The first `rows ≤ MR` rows of a packed block against a panel: one full-height microkernel,

@@ -11,10 +11,15 @@
 //! - B (`[n, k]`, the `nn.Linear` weight layout; k-pairs `p0..p0 + pl` at a time, [`pack_b`]):
 //!   panels of [`NR`] columns, each `[pl][NR]` words (one pair of 32 columns = two 512-bit
 //!   registers); columns past `n` are zero.
+//! - A weight packed once ([`PackedWeight`]): every slice of B as [`pack_b`] writes it, one
+//!   after another.
 
 use rayon::prelude::*;
 
+use candle_core::{bail, Result};
+
 use super::round::to_bf16;
+use super::{available, fits, KC_PAIRS};
 
 /// Rows of A per packed block: the microkernel's rows.
 pub(crate) const MR: usize = 8;
@@ -76,6 +81,68 @@ impl PackedA {
     /// Packed block `blk` (rows `blk·MR..`): `[kp][MR]` words.
     pub(crate) fn block(&self, blk: usize) -> &[u32] {
         &self.words[blk * self.kp * MR..][..self.kp * MR]
+    }
+}
+
+/// A `[n, k]` weight (the `nn.Linear` layout) rounded to bf16 and packed once for every product
+/// with it: the slices of [`KC_PAIRS`] k-pairs one after another (slice `s` from word
+/// `s·KC_PAIRS·NR·n.div_ceil(NR)` on), each exactly as [`pack_b`] writes it for a product that
+/// packs B on every call, so both give the same words. About 2 bytes per weight value (plus
+/// the zero padding to 32 columns and to an even k).
+pub struct PackedWeight {
+    words: Vec<u32>,
+    /// Rows (output features) and values per row (input features) of the weight.
+    n: usize,
+    k: usize,
+}
+
+impl PackedWeight {
+    /// Rounds and packs the `n` rows of `w` (`w[j, t]` at `w[j·rs + t·cs]`, `k` values per row),
+    /// one rayon task per k slice.
+    ///
+    /// Errors when the CPU lacks AVX512-BF16 or `w` is too short for its sizes and strides.
+    pub fn new(w: &[f32], n: usize, k: usize, rs: usize, cs: usize) -> Result<Self> {
+        if !available() {
+            bail!("bf16 packed weight: this CPU lacks AVX512-BF16");
+        }
+        if !fits(w.len(), n, k, rs, cs) {
+            bail!("bf16 packed weight: [{n}, {k}] at strides ({rs}, {cs}) is out of bounds of {} values", w.len());
+        }
+        // Words of one k-pair across all panels.
+        let pair_words = n.div_ceil(NR) * NR;
+        let mut words = vec![0u32; k.div_ceil(2) * pair_words];
+        if !words.is_empty() {
+            words.par_chunks_mut(KC_PAIRS * pair_words).enumerate().for_each(|(s, slice)| {
+                // SAFETY: the CPU has the features and w holds the n rows at their strides
+                // (both checked above); slice s starts at pair s·KC_PAIRS < kp and the chunk
+                // holds its `pl = len / pair_words` pairs of every panel.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    pack_b(w.as_ptr(), rs, cs, n, k, s * KC_PAIRS, slice.len() / pair_words, slice)
+                };
+            });
+        }
+        Ok(Self { words, n, k })
+    }
+
+    /// `(n, k)`: the shape of the weight.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The packed slice of k-pairs `p0..` (a start of [`super::slices`]) from column `col0` (a multiple
+    /// of [`NR`], below `n`) on: its panels `col0 / NR..`, `[pl][NR]` words each.
+    pub(crate) fn slice_from(&self, p0: usize, col0: usize) -> &[u32] {
+        let panels = self.n.div_ceil(NR);
+        let pl = KC_PAIRS.min(self.k.div_ceil(2) - p0);
+        debug_assert!(p0.is_multiple_of(KC_PAIRS) && col0.is_multiple_of(NR) && col0 < self.n);
+        &self.words[panels * p0 * NR..][..panels * pl * NR][col0 / NR * pl * NR..]
+    }
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight {{ n: {}, k: {}, bf16 }}", self.n, self.k)
     }
 }
 

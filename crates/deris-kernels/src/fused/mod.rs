@@ -23,7 +23,7 @@ pub mod window;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 
 pub use attention::{attention, attention_reference};
-pub use linear::{gelu_erf, gelu_erf_reference, linear, linear_reference, Activation};
+pub use linear::{gelu_erf, gelu_erf_reference, linear, linear_bf16, linear_reference, pack_weight, Activation};
 pub use norm::{layer_norm, layer_norm_reference};
 pub use window::{window_attention, window_attention_reference};
 

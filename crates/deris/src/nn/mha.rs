@@ -79,7 +79,7 @@ impl MultiheadAttention {
         let w = vb.get((3 * embed_dim, embed_dim), "in_proj_weight")?;
         let b = vb.get(3 * embed_dim, "in_proj_bias")?;
         let part = |i: usize| -> Result<Linear> {
-            Ok(Linear::new(w.narrow(0, i * embed_dim, embed_dim)?, Some(b.narrow(0, i * embed_dim, embed_dim)?)))
+            Linear::new(w.narrow(0, i * embed_dim, embed_dim)?, Some(b.narrow(0, i * embed_dim, embed_dim)?))
         };
         Ok(Self {
             q_proj: part(0)?,

@@ -44,7 +44,7 @@ impl PatchEmbed {
         let weight = vb.pp("proj").get((embed_dim, IN_CHANS, p, p), "weight")?;
         let bias = vb.pp("proj").get(embed_dim, "bias")?;
         Ok(Self {
-            proj: Linear::new(weight.reshape((embed_dim, IN_CHANS * p * p))?, Some(bias)),
+            proj: Linear::new(weight.reshape((embed_dim, IN_CHANS * p * p))?, Some(bias))?,
             norm: layer_norm(embed_dim, eps, vb.pp("norm"))?,
             patch_size,
         })
