@@ -100,28 +100,54 @@ fn resume_continues_exactly() {
     assert_eq!(joined, whole, "resumed trajectory differs from the uninterrupted one");
 }
 
-/// Two data-parallel replicas (threads, averaged gradients): the loss falls, the run is
-/// deterministic (resume reproduces it bit for bit although the replicas race), and a batch
-/// that does not split evenly is refused.
+/// The first step's terms of a run.
+fn first_terms(cfg: TrainConfig, out: &Path) -> std::collections::BTreeMap<String, f64> {
+    let mut trainer = Trainer::new(TrainConfig { max_steps: Some(1), ..cfg }, out, None, &Device::Cpu).unwrap();
+    let mut terms = None;
+    trainer
+        .run(&mut |e| {
+            if let Event::Step(r) = e {
+                terms = Some(r.terms.clone());
+            }
+        })
+        .unwrap();
+    terms.unwrap()
+}
+
+/// Two data-parallel replicas of two chunks each (threads; chunk gradients summed, replica
+/// gradients averaged): the loss falls, the run is deterministic (resume reproduces it bit for
+/// bit although the parts race), a batch that does not split evenly is refused, and chunks
+/// score with their replica's divisors: the terms that draw no random points equal the
+/// unchunked step's.
 #[test]
-fn replicas_train_deterministically() {
+fn replicas_and_chunks_train_deterministically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     dataset(&data);
-    let with_replicas = |steps| TrainConfig { replicas: 2, ..config(&data, steps) };
-    let whole = losses(with_replicas(24), &tmp.path().join("whole"), None);
+    let parallel = |steps| TrainConfig { replicas: 2, chunks: 2, ..config(&data, steps) };
+    let whole = losses(parallel(24), &tmp.path().join("whole"), None);
     let mean = |s: &[(u64, f64)]| s.iter().map(|p| p.1).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&whole[..6]), mean(&whole[18..]));
-    assert!(last < 0.85 * first, "the loss did not fall with 2 replicas: {first:.3} → {last:.3}");
+    assert!(last < 0.85 * first, "the loss did not fall with 2 replicas × 2 chunks: {first:.3} → {last:.3}");
     let split = tmp.path().join("split");
-    let head = losses(with_replicas(5), &split, None);
-    let rest = losses(with_replicas(24), &split, Some(&split.join("checkpoints")));
+    let head = losses(parallel(5), &split, None);
+    let rest = losses(parallel(24), &split, Some(&split.join("checkpoints")));
     let joined: Vec<(u64, f64)> = head.into_iter().chain(rest).collect();
-    assert_eq!(joined, whole, "a 2-replica run is not reproducible");
+    assert_eq!(joined, whole, "a 2-replica, 2-chunk run is not reproducible");
+
+    let one = first_terms(config(&data, 1), &tmp.path().join("one"));
+    let chunked = first_terms(TrainConfig { chunks: 4, ..config(&data, 1) }, &tmp.path().join("chunked"));
+    for name in ["loss_cls", "loss_cls_0", "loss_cls_1", "loss_exist"] {
+        let (a, b) = (one[name], chunked[name]);
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{name}: 4 chunks score {b}, one part {a}");
+    }
 
     let odd = TrainConfig { replicas: 3, ..config(&data, 2) };
     let err = odd.validate().expect_err("4 samples do not split over 3 replicas");
     assert!(err.to_string().contains("replicas"), "{err}");
+    let odd = TrainConfig { replicas: 2, chunks: 3, ..config(&data, 2) };
+    let err = odd.validate().expect_err("2 samples per replica do not split into 3 chunks");
+    assert!(err.to_string().contains("chunks"), "{err}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use deris::data::rng::SplitMix64;
 use deris::loopback::RoundOutput;
-use deris::train::loss::{deris_loss, LossConfig, Target};
+use deris::train::loss::{deris_loss, deris_loss_part, LossConfig, Normalizers, Target};
 use deris::train::matcher::match_round;
 use deris::train::points::uniform_points;
 use deris::DerisOutput;
@@ -391,6 +391,46 @@ fn a_batch_without_targets_scores_only_no_object_and_existence() {
     assert_term(&loss.terms, "loss_exist", exist);
     let total = 2.0 * plain_ce(&bt.fin.refer) + 0.2 * 2.0 * plain_ce(&bt.aux.refer) + exist;
     assert_term(&loss.terms, "total", total);
+}
+
+/// Sample `i` of a batch's outputs.
+fn sample_output(out: &DerisOutput, i: usize) -> DerisOutput {
+    let cut = |t: &Tensor| t.narrow(0, i, 1).unwrap();
+    DerisOutput {
+        pred_masks: cut(&out.pred_masks),
+        pred_boxes: cut(&out.pred_boxes),
+        pred_refer_logits: cut(&out.pred_refer_logits),
+        pred_logits_perception: cut(&out.pred_logits_perception),
+        pred_existence: cut(&out.pred_existence),
+        query_feat: cut(&out.query_feat),
+        aux: out
+            .aux
+            .iter()
+            .map(|r| RoundOutput { pred_masks_lowres: cut(&r.pred_masks_lowres), pred_boxes: cut(&r.pred_boxes), pred_logits: cut(&r.pred_logits), pred_refer_logits: cut(&r.pred_refer_logits) })
+            .collect(),
+    }
+}
+
+#[test]
+fn chunks_scored_with_the_batch_divisors_add_up_to_the_batch_loss() {
+    // Image 0 holds every target, so its chunk draws the same points as the whole batch (the
+    // draws are per image with a target, from the same seed), and every term must add up.
+    let cfg = small_cfg();
+    let bt = batch();
+    let (out, targets) = batch_output(&bt);
+    let whole = deris_loss(&out, &targets, &cfg, &mut SplitMix64::new(3)).unwrap();
+    let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
+    assert_eq!(norm, Normalizers { num_masks: 2.0, class_weight_sum: 2.0 + 4.0 * 0.1, samples: 2.0 });
+    let parts: Vec<_> = (0..2)
+        .map(|i| deris_loss_part(&sample_output(&out, i), &targets[i..i + 1], &cfg, &norm, &mut SplitMix64::new(3)).unwrap())
+        .collect();
+    for (name, want) in &whole.terms {
+        let got: f64 = parts.iter().map(|p| p.terms[name]).sum();
+        assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{name}: chunks add up to {got}, the batch scores {want}");
+    }
+    // On its own, the target-free image would be scored with its own divisors instead.
+    let alone = deris_loss(&sample_output(&out, 1), &targets[1..], &cfg, &mut SplitMix64::new(3)).unwrap();
+    assert!((alone.terms["loss_exist"] - 2.0 * parts[1].terms["loss_exist"]).abs() < 1e-6);
 }
 
 #[test]

@@ -134,18 +134,17 @@ struct RoundLosses {
     dice: Tensor,
 }
 
-/// The referring cross entropy with class weights `[1, no_object_weight]`, PyTorch's weighted
-/// mean (`Σ w_y·(−log p_y) / Σ w_y` over all queries).
-fn refer_ce(refer_logits: &Tensor, pairs: &[Vec<(usize, usize)>], no_object_weight: f64) -> Result<Tensor> {
+/// The referring cross entropy with class weights `[1, no_object_weight]`: `Σ w_y·(−log p_y)`
+/// over these queries divided by `norm` (PyTorch's weighted mean when `norm` is `Σ w_y` over
+/// the batch, [`Normalizers::class_weight_sum`]).
+fn refer_ce(refer_logits: &Tensor, pairs: &[Vec<(usize, usize)>], no_object_weight: f64, norm: f64) -> Result<Tensor> {
     let (b, n, c) = refer_logits.dims3()?;
     let mut weights = vec![0f32; b * n * c];
-    let mut norm = 0f64;
     for (i, image_pairs) in pairs.iter().enumerate() {
         for q in 0..n {
             let matched = image_pairs.iter().any(|&(mq, _)| mq == q);
             let (label, w) = if matched { (0, 1.0) } else { (1, no_object_weight) };
             weights[(i * n + q) * c + label] = w as f32;
-            norm += w;
         }
     }
     if norm <= 0.0 {
@@ -202,21 +201,22 @@ fn round_losses(
     refer_logits: &Tensor,
     targets: &[Target],
     cfg: &LossConfig,
-    num_masks: f64,
+    norm: &Normalizers,
     rng: &mut SplitMix64,
 ) -> Result<RoundLosses> {
     let pairs = match_round(masks, refer_logits, targets, cfg, rng)?;
-    let cls = refer_ce(refer_logits, &pairs, cfg.no_object_weight)?;
-    let (bce, dice) = mask_losses(masks, targets, &pairs, cfg, num_masks, rng)?;
+    let cls = refer_ce(refer_logits, &pairs, cfg.no_object_weight, norm.class_weight_sum)?;
+    let (bce, dice) = mask_losses(masks, targets, &pairs, cfg, norm.num_masks, rng)?;
     Ok(RoundLosses { cls, bce, dice })
 }
 
-/// `mean_b BCE(sigmoid(z_b), exists_b)` with PyTorch's `binary_cross_entropy` log clamp:
+/// `Σ_b BCE(sigmoid(z_b), exists_b) / samples` (the batch mean when `samples` is the batch
+/// size) with PyTorch's `binary_cross_entropy` log clamp:
 /// `−[y·max(log σ(z), −100) + (1−y)·max(log(1−σ(z)), −100)]`, the logs taken in log space
 /// (`log σ(z) = −softplus(−z)`). PyTorch forms `σ(z)` in float32 first, so for `z ≳ 17` its
 /// `1 − σ(z)` is 0 and the wrong-class term already sits at the clamp (100); here it is `≈ z`
 /// up to `z = 100`.
-fn existence_loss(pred_existence: &Tensor, targets: &[Target]) -> Result<Tensor> {
+fn existence_loss(pred_existence: &Tensor, targets: &[Target], samples: f64) -> Result<Tensor> {
     let z = pred_existence.to_dtype(DType::F32)?.flatten_all()?; // [B]
     if z.dim(0)? != targets.len() {
         bail!("existence_loss: {} existence logits for {} targets", z.dim(0)?, targets.len());
@@ -226,11 +226,45 @@ fn existence_loss(pred_existence: &Tensor, targets: &[Target]) -> Result<Tensor>
     let neg_log_p = softplus(&z.neg()?)?.minimum(100.0)?; // −log σ(z)
     let neg_log_q = softplus(&z)?.minimum(100.0)?; // −log(1 − σ(z))
     let per_sample = ((&y * neg_log_p)? + (y.affine(-1.0, 1.0)? * neg_log_q)?)?;
-    per_sample.mean_all()
+    per_sample.sum_all()? / samples
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+}
+
+/// The divisors of the loss terms, over the samples that share one loss: the whole batch, or
+/// one replica's share of it. A part of those samples scored with their divisors
+/// ([`deris_loss_part`]) gets its share of their loss, so the parts' losses, and gradients, add
+/// up to theirs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalizers {
+    /// Divisor of the summed point BCE and dice: the samples' targets, at least 1; with
+    /// data-parallel replicas the mean per replica (the authors' all-reduce, TRAIN-EVAL-SPEC
+    /// §5.4 / §5.9).
+    pub num_masks: f64,
+    /// Divisor of the weighted cross-entropy sum, PyTorch's weighted mean: the class weights
+    /// of all the samples' queries, 1 for the matched ones (`min(targets, N)` per sample) and
+    /// `no_object_weight` for the rest.
+    pub class_weight_sum: f64,
+    /// Divisor of the summed existence BCE: the number of samples.
+    pub samples: f64,
+}
+
+impl Normalizers {
+    /// The divisors of `targets` scored with `num_queries` queries per sample, the mask terms
+    /// divided by `num_masks`.
+    pub fn new(targets: &[Target], num_queries: usize, no_object_weight: f64, num_masks: f64) -> Self {
+        let matched: usize = targets.iter().map(|t| t.num_targets().min(num_queries)).sum();
+        let queries = targets.len() * num_queries;
+        Self { num_masks, class_weight_sum: matched as f64 + (queries - matched) as f64 * no_object_weight, samples: targets.len() as f64 }
+    }
+
+    /// The divisors of a batch scored on its own: `num_masks = max(total targets, 1)`.
+    pub fn of_batch(targets: &[Target], num_queries: usize, no_object_weight: f64) -> Self {
+        let num_masks = targets.iter().map(Target::num_targets).sum::<usize>().max(1) as f64;
+        Self::new(targets, num_queries, no_object_weight, num_masks)
+    }
 }
 
 /// TRAIN-EVAL-SPEC §5: per-round matching and losses, aux rounds ×`aux_weight`, existence BCE
@@ -242,15 +276,13 @@ fn scalar(t: &Tensor) -> Result<f64> {
 ///   (upsampled to `H × W` here); refer logits `[B, N, 2]`; `out.pred_existence`: `[B, 1]`
 /// - `targets`: `B` samples, masks `[M_b, H', W']`
 pub fn deris_loss(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, rng: &mut SplitMix64) -> Result<LossOutput> {
-    let num_masks = targets.iter().map(Target::num_targets).sum::<usize>().max(1) as f64;
-    deris_loss_with(out, targets, cfg, num_masks, rng)
+    let norm = Normalizers::of_batch(targets, out.pred_refer_logits.dim(1)?, cfg.no_object_weight);
+    deris_loss_part(out, targets, cfg, &norm, rng)
 }
 
-/// [`deris_loss`] of one replica of a data-parallel step: the mask terms are divided by
-/// `num_masks`, the mean number of targets per replica over all replicas clamped to ≥ 1 (the
-/// authors' all-reduce, TRAIN-EVAL-SPEC §5.4 / §5.9); the cross entropy and the existence BCE
-/// are means over this replica's samples.
-pub fn deris_loss_with(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, num_masks: f64, rng: &mut SplitMix64) -> Result<LossOutput> {
+/// [`deris_loss`] of some of the samples that share the divisors `norm` (a chunk of a batch, or
+/// a data-parallel replica): every term is summed over these samples and divided by `norm`.
+pub fn deris_loss_part(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, norm: &Normalizers, rng: &mut SplitMix64) -> Result<LossOutput> {
     let (b, _, h, w) = out.pred_masks.dims4()?;
     if targets.len() != b {
         bail!("deris_loss: {} targets for a batch of {b}", targets.len());
@@ -272,18 +304,18 @@ pub fn deris_loss_with(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, 
         Ok(())
     };
 
-    let last = round_losses(&out.pred_masks, &out.pred_refer_logits, targets, cfg, num_masks, rng)?;
+    let last = round_losses(&out.pred_masks, &out.pred_refer_logits, targets, cfg, norm, rng)?;
     record(&last, "")?;
     let mut total = weighted(&last)?;
     for (r, aux) in out.aux.iter().enumerate() {
         let masks = resize_bilinear(&aux.pred_masks_lowres, h, w, true)?; // [B, N, H, W]
-        let round = round_losses(&masks, &aux.pred_refer_logits, targets, cfg, num_masks, rng)?;
+        let round = round_losses(&masks, &aux.pred_refer_logits, targets, cfg, norm, rng)?;
         record(&round, &format!("_{r}"))?;
         total = (total + (weighted(&round)? * cfg.aux_weight)?)?;
     }
-    let exist = existence_loss(&out.pred_existence, targets)?;
+    let exist = existence_loss(&out.pred_existence, targets, norm.samples)?;
     terms.insert("loss_exist".to_string(), scalar(&exist)?);
     let total = (total + (exist * cfg.existence_weight)?)?;
     terms.insert("total".to_string(), scalar(&total)?);
-    Ok(LossOutput { total, terms, num_masks })
+    Ok(LossOutput { total, terms, num_masks: norm.num_masks })
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::config::TrainConfig;
 use super::data::{Batch, Prefetcher, TrainData};
-use super::loss::{deris_loss_with, LossConfig, Target};
+use super::loss::{deris_loss_part, LossConfig, Normalizers, Target};
 use super::optim::Adam;
 use super::params::{Group, TrainableWeights};
 use super::state::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainerState};
@@ -283,17 +283,22 @@ impl Trainer {
     /// loss and backward on its part of the batch in parallel, then the gradients are averaged.
     fn step(&mut self, batch: &Batch, epoch: u64, b: usize) -> Result<StepRecord> {
         let step = self.state.step + 1;
-        let replicas = self.cfg.replicas.max(1);
+        let (replicas, chunks) = (self.cfg.replicas.max(1), self.cfg.chunks.max(1));
         let model = self.weights.build(&self.model_cfg)?;
-        let parts = batch.split(replicas)?;
+        // One part per chunk of each replica, replica by replica.
+        let parts = batch.split(replicas * chunks)?;
         // §5.4: `num_masks` is all-reduced (summed) and divided by the number of GPUs.
         let num_masks = (batch.targets.iter().map(Target::num_targets).sum::<usize>() as f64 / replicas as f64).max(1.0);
+        let (queries, no_object) = (self.model_cfg.predictor.num_queries, self.cfg.loss.no_object_weight);
+        let per_replica = batch.targets.len() / replicas;
+        let norms: Vec<Normalizers> = batch.targets.chunks(per_replica).map(|t| Normalizers::new(t, queries, no_object, num_masks)).collect();
         let (seed, coupling, loss_cfg) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss);
-        let run = |(r, (inputs, targets)): (usize, (ModelInputs, &[Target]))| {
-            replica_step(&model, &inputs, targets, coupling, loss_cfg, num_masks, SplitMix64::from_key(&[LOSS_STREAM, seed, step, r as u64]))
+        let run = |(p, (inputs, targets)): (usize, (ModelInputs, &[Target]))| {
+            let rng = SplitMix64::from_key(&[LOSS_STREAM, seed, step, p as u64]);
+            replica_step(&model, &inputs, targets, coupling, loss_cfg, &norms[p / chunks], rng)
         };
         let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = parts.into_par_iter().enumerate().map(run).collect();
-        let mut done = Vec::with_capacity(replicas);
+        let mut done = Vec::with_capacity(replicas * chunks);
         for result in results {
             match result {
                 Ok(r) => done.push(r),
@@ -316,7 +321,7 @@ impl Trainer {
         }
         let clock = Instant::now();
         let vars = self.weights.trainable().values().map(|v| v.as_tensor().clone());
-        let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), vars)?;
+        let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), vars, replicas)?;
         let factor = self.cfg.schedule.factor(epoch as usize);
         // Adam checks the gradients (finite norm, shapes) before it updates anything.
         let stats = match self.optim.step(&grads, factor) {
@@ -423,7 +428,7 @@ fn replica_step(
     targets: &[Target],
     coupling: BatchCoupling,
     cfg: &LossConfig,
-    num_masks: f64,
+    norm: &Normalizers,
     mut rng: SplitMix64,
 ) -> std::result::Result<ReplicaResult, ReplicaError> {
     let mut timing = StepTiming::default();
@@ -444,7 +449,7 @@ fn replica_step(
             return Err(ReplicaError::Stop(format!("the model's {name} are not finite")));
         }
     }
-    let loss = deris_loss_with(&out, targets, cfg, num_masks, &mut rng)?;
+    let loss = deris_loss_part(&out, targets, cfg, norm, &mut rng)?;
     let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut timing.loss);
     if !value.is_finite() {
@@ -455,12 +460,12 @@ fn replica_step(
     Ok(ReplicaResult { grads, value, terms: loss.terms, timing })
 }
 
-/// The mean over replicas of each trainable variable's gradient (DDP's all-reduce average); a
-/// variable without a gradient in some replica counts zero there.
-fn average_gradients(mut stores: Vec<GradStore>, vars: impl Iterator<Item = Tensor>) -> Result<GradStore> {
-    let n = stores.len();
+/// Each trainable variable's gradient summed over the parts and divided by `replicas`: the
+/// chunks of a replica add up to its gradient, and the replicas' gradients are averaged (DDP's
+/// all-reduce). A variable without a gradient in some part counts zero there.
+fn average_gradients(mut stores: Vec<GradStore>, vars: impl Iterator<Item = Tensor>, replicas: usize) -> Result<GradStore> {
     let mut first = stores.remove(0);
-    if n == 1 {
+    if stores.is_empty() && replicas == 1 {
         return Ok(first);
     }
     for var in vars {
@@ -474,7 +479,7 @@ fn average_gradients(mut stores: Vec<GradStore>, vars: impl Iterator<Item = Tens
             }
         }
         if let Some(g) = sum {
-            first.insert(&var, (g / n as f64)?);
+            first.insert(&var, (g / replicas as f64)?);
         }
     }
     Ok(first)
