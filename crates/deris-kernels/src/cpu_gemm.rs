@@ -72,6 +72,40 @@ pub(crate) fn matmul_serial_linear<T: WithDType>(dst: &mut [T], dst_rs: usize, l
     Ok(())
 }
 
+/// [`matmul_serial_linear`] with the weight packed beforehand (`rhs` = `w`ᵀ, [`bf16::PackedWeight`]):
+/// the bf16 product whatever the precision and the row count, bit for bit what
+/// [`matmul_serial_linear`] gives in bf16 mode on the weight `w` was made from. f32 only, with a
+/// unit-stride `lhs`; errors otherwise or when an operand is out of bounds.
+pub(crate) fn matmul_serial_prepacked<T: WithDType>(dst: &mut [T], dst_rs: usize, lhs: MatRef<T>, w: &bf16::PackedWeight, accumulate: bool) -> Result<()> {
+    let (n, k) = w.shape();
+    if T::DTYPE != DType::F32 || lhs.cs != 1 {
+        bail!("cpu gemm: a bf16 packed weight takes an f32 lhs with unit column stride, got {:?} at column stride {}", T::DTYPE, lhs.cs);
+    }
+    let m = lhs.rows;
+    if lhs.cols != k {
+        bail!("cpu gemm: [{m}, {}] · packed [{k}, {n}] do not chain", lhs.cols);
+    }
+    let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
+    if !lhs.in_bounds() || !dst_ok {
+        bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
+    }
+    // SAFETY: T is f32 (checked above), so the slices are f32 slices of the same length.
+    let (a, c) = unsafe {
+        (
+            std::slice::from_raw_parts(lhs.data.as_ptr().cast::<f32>(), lhs.data.len()),
+            std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+        )
+    };
+    // SAFETY: a PackedWeight exists only on a CPU with AVX512-BF16 (its constructor checked);
+    // the rows of lhs (unit column stride, k values as the weight) and of dst lie inside their
+    // slices (checked above), dst's rows apart; dst is borrowed mutably, so it aliases no input.
+    unsafe {
+        let packed = bf16::PackedA::new(a, m, k, lhs.rs);
+        bf16::matmul_prepacked(&packed, 0, m, w, 0, n, c.as_mut_ptr(), dst_rs, accumulate);
+    }
+    Ok(())
+}
+
 /// Errors unless `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` chains and every operand lies inside
 /// its slice (`dst` rows `dst_rs` apart, not overlapping).
 fn check<T>(dst: &[T], dst_rs: usize, lhs: &MatRef<T>, rhs: &MatRef<T>) -> Result<()> {

@@ -11,22 +11,71 @@
 //! destination, and nothing waits on a thread pool between the steps. The LayerNorm is written
 //! here (two passes per row: mean, then the variance of the centred values, partial sums in
 //! f64); it is the same function as `nn.LayerNorm`, local to these fused blocks. In bf16 mode
-//! ([`crate::Precision::Bf16`]) the products of blocks of 8 rows or more run in bf16.
+//! ([`crate::Precision::Bf16`]) the products of blocks of 8 rows or more run in bf16; a weight
+//! packed beforehand ([`DenseWeight::Bf16`]) always runs in bf16, whatever the mode and the rows.
 //!
 //! Each takes this path on the CPU for f32/f64 when no input tracks a gradient, and otherwise
-//! its `_reference` twin built from primitive ops (candle's gradients, any device).
+//! its `_reference` twin built from primitive ops (candle's gradients, any device); with a
+//! packed weight only the fast path exists (f32 CPU inputs without gradient; errors otherwise).
 
 use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::bf16::PackedWeight;
 use crate::cpu_gemm::{self, MatRef};
 use crate::fused::{linear_reference, Activation};
 
 /// The parameters of an `nn.Linear`: weight `[N, K]`, bias `[N]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Dense<'a> {
-    pub weight: &'a Tensor,
+    pub weight: DenseWeight<'a>,
     pub bias: Option<&'a Tensor>,
+}
+
+/// A dense layer's weight `[N, K]`: a tensor, or rounded to bf16 and packed once
+/// ([`crate::fused::pack_weight`]) for the bf16 product of every call.
+#[derive(Debug, Clone, Copy)]
+pub enum DenseWeight<'a> {
+    F32(&'a Tensor),
+    Bf16(&'a PackedWeight),
+}
+
+impl<'a> From<&'a Tensor> for DenseWeight<'a> {
+    fn from(w: &'a Tensor) -> Self {
+        Self::F32(w)
+    }
+}
+
+impl DenseWeight<'_> {
+    /// `(N, K)`.
+    fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::F32(w) => w.dims2(),
+            Self::Bf16(w) => Ok(w.shape()),
+        }
+    }
+
+    /// The tensor, for the paths that take one (the reference, the value views).
+    fn tensor(&self) -> Option<&Tensor> {
+        match self {
+            Self::F32(w) => Some(w),
+            Self::Bf16(_) => None,
+        }
+    }
+
+    fn packed(&self) -> Option<&PackedWeight> {
+        match self {
+            Self::F32(_) => None,
+            Self::Bf16(w) => Some(w),
+        }
+    }
+}
+
+/// The weight of a dense layer as a block's product reads it: `[N, K]` values or packed.
+#[derive(Clone, Copy)]
+enum BlockWeight<'a, T> {
+    Values(&'a [T]),
+    Packed(&'a PackedWeight),
 }
 
 /// The parameters of an `nn.LayerNorm` over the last axis: weight and bias `[C]`, epsilon.
@@ -50,19 +99,19 @@ pub fn linear_residual_norm(x: &Tensor, dense: Dense, residual: &Tensor, norm: N
         bail!("linear_residual_norm: residual {:?} must be {:?}", residual.dims(), out_dims(x, c));
     }
     check_norm("linear_residual_norm", norm, c)?;
-    let all = [Some(x), Some(dense.weight), dense.bias, Some(residual), Some(norm.weight), norm.bias];
-    if !fast_path(&all) {
+    let all = [Some(x), dense.weight.tensor(), dense.bias, Some(residual), Some(norm.weight), norm.bias];
+    if !fast_path(&all) || (dense.weight.packed().is_some() && x.dtype() != DType::F32) {
         return linear_residual_norm_reference(x, dense, residual, norm);
     }
     let t = Contig::new(&all)?;
     let out = match x.dtype() {
         DType::F32 => t.dispatch::<f32>(|v| Tensor::from_vec(
-            residual_norm_blocks(rows, c, |r0, o| linear_block(&v, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
+            residual_norm_blocks(rows, c, |r0, o| linear_block(&v, dense.weight, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
             out_dims(x, c),
             x.device(),
         ))?,
         DType::F64 => t.dispatch::<f64>(|v| Tensor::from_vec(
-            residual_norm_blocks(rows, c, |r0, o| linear_block(&v, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
+            residual_norm_blocks(rows, c, |r0, o| linear_block(&v, dense.weight, (rows, k, c), r0, o), v.get(4), v.get(5), norm.eps)?,
             out_dims(x, c),
             x.device(),
         ))?,
@@ -75,8 +124,10 @@ pub fn linear_residual_norm(x: &Tensor, dense: Dense, residual: &Tensor, norm: N
 ///
 /// # Shapes
 /// Same as [`linear_residual_norm`].
+///
+/// Errors for a packed weight (it has no f32 values for the primitive ops).
 pub fn linear_residual_norm_reference(x: &Tensor, dense: Dense, residual: &Tensor, norm: Norm) -> Result<Tensor> {
-    let y = linear_reference(x, dense.weight, dense.bias, Activation::Identity, None)?;
+    let y = linear_reference(x, reference_weight(dense)?, dense.bias, Activation::Identity, None)?;
     layer_norm_reference(&(residual + y)?, norm)
 }
 
@@ -91,25 +142,26 @@ pub fn ffn_residual_norm(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm)
     let (rows, c, f) = check_dense("ffn_residual_norm", x, linear1)?;
     let (f2, c2) = linear2.weight.dims2()?;
     if (f2, c2) != (c, f) {
-        bail!("ffn_residual_norm: linear2 weight {:?} must be [{c}, {f}]", linear2.weight.dims());
+        bail!("ffn_residual_norm: linear2 weight [{f2}, {c2}] must be [{c}, {f}]");
     }
     if linear2.bias.is_some_and(|b| b.dims() != [c]) {
         bail!("ffn_residual_norm: linear2 bias must be [{c}]");
     }
     check_norm("ffn_residual_norm", norm, c)?;
-    let all = [Some(x), Some(linear1.weight), linear1.bias, Some(linear2.weight), linear2.bias, Some(norm.weight), norm.bias];
-    if !fast_path(&all) {
+    let all = [Some(x), linear1.weight.tensor(), linear1.bias, linear2.weight.tensor(), linear2.bias, Some(norm.weight), norm.bias];
+    let packed = linear1.weight.packed().is_some() || linear2.weight.packed().is_some();
+    if !fast_path(&all) || (packed && x.dtype() != DType::F32) {
         return ffn_residual_norm_reference(x, linear1, linear2, norm);
     }
     let t = Contig::new(&all)?;
     let out = match x.dtype() {
         DType::F32 => t.dispatch::<f32>(|v| Tensor::from_vec(
-            residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
+            residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (linear1.weight, linear2.weight), (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
             x.dims(),
             x.device(),
         ))?,
         DType::F64 => t.dispatch::<f64>(|v| Tensor::from_vec(
-            residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
+            residual_norm_blocks(rows, c, |r0, o| ffn_block(&v, (linear1.weight, linear2.weight), (rows, c, f), r0, o), v.get(5), v.get(6), norm.eps)?,
             x.dims(),
             x.device(),
         ))?,
@@ -122,10 +174,20 @@ pub fn ffn_residual_norm(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm)
 ///
 /// # Shapes
 /// Same as [`ffn_residual_norm`].
+///
+/// Errors for a packed weight (it has no f32 values for the primitive ops).
 pub fn ffn_residual_norm_reference(x: &Tensor, linear1: Dense, linear2: Dense, norm: Norm) -> Result<Tensor> {
-    let h = linear_reference(x, linear1.weight, linear1.bias, Activation::Identity, None)?.relu()?;
-    let y = linear_reference(&h, linear2.weight, linear2.bias, Activation::Identity, None)?;
+    let h = linear_reference(x, reference_weight(linear1)?, linear1.bias, Activation::Identity, None)?.relu()?;
+    let y = linear_reference(&h, reference_weight(linear2)?, linear2.bias, Activation::Identity, None)?;
     layer_norm_reference(&(x + y)?, norm)
+}
+
+/// The weight tensor of a dense layer for the primitive ops.
+fn reference_weight(dense: Dense<'_>) -> Result<&Tensor> {
+    match dense.weight {
+        DenseWeight::F32(w) => Ok(w),
+        DenseWeight::Bf16(_) => bail!("post-norm block: a bf16 packed weight takes f32 CPU inputs that track no gradient"),
+    }
 }
 
 /// `nn.LayerNorm` over the last axis from primitive ops (two-pass mean and variance).
@@ -154,7 +216,7 @@ fn check_dense(op: &str, x: &Tensor, dense: Dense) -> Result<(usize, usize, usiz
     let (n, k) = dense.weight.dims2()?;
     let dims = x.dims();
     if dims.is_empty() || dims[dims.len() - 1] != k {
-        bail!("{op}: input {dims:?} does not end in the weight's {k} input features ({:?})", dense.weight.dims());
+        bail!("{op}: input {dims:?} does not end in the weight's {k} input features ([{n}, {k}])");
     }
     if dense.bias.is_some_and(|b| b.dims() != [n]) {
         bail!("{op}: bias {:?} must be [{n}]", dense.bias.map(|b| b.dims().to_vec()));
@@ -261,20 +323,36 @@ fn residual_norm_blocks<T: WithDType>(
     Ok(out)
 }
 
+/// The weight of a dense layer for the blocks: its values (view `i`) or the packed weight.
+fn block_weight<'a, T>(v: &Views<'a, T>, i: usize, w: DenseWeight<'a>) -> Option<BlockWeight<'a, T>> {
+    match w {
+        DenseWeight::F32(_) => v.get(i).map(BlockWeight::Values),
+        DenseWeight::Bf16(p) => Some(BlockWeight::Packed(p)),
+    }
+}
+
+/// `o += lhs·Wᵀ` (`o`: `[lhs.rows, N]` row-major) with a weight `[N, K]`: the linear product of
+/// the current precision on values, the bf16 product on a packed weight.
+fn dense_product<T: WithDType>(o: &mut [T], n: usize, lhs: MatRef<T>, w: BlockWeight<T>) -> Result<()> {
+    match w {
+        BlockWeight::Values(w) => cpu_gemm::matmul_serial_linear(o, n, lhs, MatRef { data: w, rows: lhs.cols, cols: n, rs: 1, cs: lhs.cols }, true),
+        BlockWeight::Packed(w) => cpu_gemm::matmul_serial_prepacked(o, n, lhs, w, true),
+    }
+}
+
 /// Rows `r0..` of `residual + x·Wᵀ + b` (inputs: x, W, b, residual).
-fn linear_block<T: WithDType>(v: &Views<T>, (_, k, c): (usize, usize, usize), r0: usize, o: &mut [T]) -> Result<()> {
-    let (Some(x), Some(w), Some(res)) = (v.get(0), v.get(1), v.get(3)) else {
+fn linear_block<T: WithDType>(v: &Views<T>, weight: DenseWeight, (_, k, c): (usize, usize, usize), r0: usize, o: &mut [T]) -> Result<()> {
+    let (Some(x), Some(w), Some(res)) = (v.get(0), block_weight(v, 1, weight), v.get(3)) else {
         bail!("linear_residual_norm: missing input")
     };
     let r = o.len() / c;
     prefill(o, &res[r0 * c..(r0 + r) * c], v.get(2), c);
-    let lhs = MatRef { data: &x[r0 * k..(r0 + r) * k], rows: r, cols: k, rs: k, cs: 1 };
-    cpu_gemm::matmul_serial_linear(o, c, lhs, MatRef { data: w, rows: k, cols: c, rs: 1, cs: k }, true)
+    dense_product(o, c, MatRef { data: &x[r0 * k..(r0 + r) * k], rows: r, cols: k, rs: k, cs: 1 }, w)
 }
 
 /// Rows `r0..` of `x + linear2(relu(linear1(x)))` (inputs: x, W1, b1, W2, b2).
-fn ffn_block<T: WithDType>(v: &Views<T>, (_, c, f): (usize, usize, usize), r0: usize, o: &mut [T]) -> Result<()> {
-    let (Some(x), Some(w1), Some(w2)) = (v.get(0), v.get(1), v.get(3)) else {
+fn ffn_block<T: WithDType>(v: &Views<T>, (w1, w2): (DenseWeight, DenseWeight), (_, c, f): (usize, usize, usize), r0: usize, o: &mut [T]) -> Result<()> {
+    let (Some(x), Some(w1), Some(w2)) = (v.get(0), block_weight(v, 1, w1), block_weight(v, 3, w2)) else {
         bail!("ffn_residual_norm: missing input")
     };
     let r = o.len() / c;
@@ -285,12 +363,10 @@ fn ffn_block<T: WithDType>(v: &Views<T>, (_, c, f): (usize, usize, usize), r0: u
             row.copy_from_slice(b1);
         }
     }
-    let lhs = MatRef { data: xs, rows: r, cols: c, rs: c, cs: 1 };
-    cpu_gemm::matmul_serial_linear(&mut hidden, f, lhs, MatRef { data: w1, rows: c, cols: f, rs: 1, cs: c }, true)?;
+    dense_product(&mut hidden, f, MatRef { data: xs, rows: r, cols: c, rs: c, cs: 1 }, w1)?;
     relu_in_place(&mut hidden);
     prefill(o, xs, v.get(4), c);
-    let lhs = MatRef { data: &hidden, rows: r, cols: f, rs: f, cs: 1 };
-    cpu_gemm::matmul_serial_linear(o, c, lhs, MatRef { data: w2, rows: f, cols: c, rs: 1, cs: f }, true)
+    dense_product(o, c, MatRef { data: &hidden, rows: r, cols: f, rs: f, cs: 1 }, w2)
 }
 
 /// `o = residual + bias` (row-wise broadcast of the bias).
@@ -385,7 +461,7 @@ mod tests {
                 let norm = Norm { weight: &g, bias: Some(&beta), eps: 1e-5 };
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                 for bias in [Some(&b), None] {
-                    let d = Dense { weight: &w, bias };
+                    let d = Dense { weight: (&w).into(), bias };
                     let fast = linear_residual_norm(&x, d, &res, norm).unwrap();
                     let slow = linear_residual_norm_reference(&x, d, &res, norm).unwrap();
                     assert_eq!(fast.dims(), x.dims());
@@ -393,10 +469,10 @@ mod tests {
                     assert!(e <= tol, "linear_residual_norm {lead:?} {c} {dtype:?}: {e:e}");
                 }
                 // a projection from another width (the residual has the output's shape)
-                let d = Dense { weight: &wf, bias: Some(&bf) };
+                let d = Dense { weight: (&wf).into(), bias: Some(&bf) };
                 let e = max_diff(&linear_residual_norm(&xf, d, &res, norm).unwrap(), &linear_residual_norm_reference(&xf, d, &res, norm).unwrap());
                 assert!(e <= tol, "linear_residual_norm from {f} {dtype:?}: {e:e}");
-                let (l1, l2) = (Dense { weight: &w1, bias: Some(&b1) }, Dense { weight: &w2, bias: Some(&b2) });
+                let (l1, l2) = (Dense { weight: (&w1).into(), bias: Some(&b1) }, Dense { weight: (&w2).into(), bias: Some(&b2) });
                 let fast = ffn_residual_norm(&x, l1, l2, norm).unwrap();
                 let slow = ffn_residual_norm_reference(&x, l1, l2, norm).unwrap();
                 let e = max_diff(&fast, &slow);
@@ -416,13 +492,13 @@ mod tests {
         let (w1, b1, w2, b2) = (r(vec![256, 64], 0.1), r(vec![256], 0.1), r(vec![64, 256], 0.1), r(vec![64], 0.1));
         let (g, beta) = ((r(vec![64], 0.2) + 1.0).unwrap(), r(vec![64], 0.2));
         let norm = Norm { weight: &g, bias: Some(&beta), eps: 1e-5 };
-        let (l1, l2) = (Dense { weight: &w1, bias: Some(&b1) }, Dense { weight: &w2, bias: Some(&b2) });
+        let (l1, l2) = (Dense { weight: (&w1).into(), bias: Some(&b1) }, Dense { weight: (&w2).into(), bias: Some(&b2) });
         let alone = ffn_residual_norm(&x, l1, l2, norm).unwrap();
         let in_batch = ffn_residual_norm(&batch, l1, l2, norm).unwrap().narrow(0, 0, 1).unwrap();
         assert_eq!(max_diff(&alone, &in_batch), 0.0);
         let sq = r(vec![64, 64], 0.1);
-        let alone = linear_residual_norm(&x, Dense { weight: &sq, bias: Some(&b2) }, &x, norm).unwrap();
-        let in_batch = linear_residual_norm(&batch, Dense { weight: &sq, bias: Some(&b2) }, &batch, norm).unwrap();
+        let alone = linear_residual_norm(&x, Dense { weight: (&sq).into(), bias: Some(&b2) }, &x, norm).unwrap();
+        let in_batch = linear_residual_norm(&batch, Dense { weight: (&sq).into(), bias: Some(&b2) }, &batch, norm).unwrap();
         assert_eq!(max_diff(&alone, &in_batch.narrow(0, 0, 1).unwrap()), 0.0);
     }
 }

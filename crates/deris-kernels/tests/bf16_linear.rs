@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Result, Tensor};
 use deris_kernels::fused::{self, Activation};
-use deris_kernels::post_norm::{self, Dense, Norm};
+use deris_kernels::post_norm::{self, Dense, DenseWeight, Norm};
 use deris_kernels::{set_precision, Precision};
 
 mod common;
@@ -88,7 +88,8 @@ fn prepacked_cases() -> Result<()> {
 }
 
 /// `ffn_residual_norm` and `linear_residual_norm` (blocks of rows: 700 rows make several; 5 rows
-/// stay f32); the FFN's reference rounds its hidden activations too.
+/// stay f32); the FFN's reference rounds its hidden activations too. With packed weights: bf16
+/// for every block, the bits of bf16 mode where it runs bf16 too.
 fn post_norm_cases() -> Result<()> {
     for (i, &(m, c, f)) in [(700usize, 64usize, 129usize), (40, 96, 256), (5, 32, 64)].iter().enumerate() {
         let seed = 100 + 10 * i as u64;
@@ -97,7 +98,7 @@ fn post_norm_cases() -> Result<()> {
         let (w2, b2) = (rand(&[c, f], seed + 3, 0.3)?, rand(&[c], seed + 4, 0.5)?);
         let (g, beta) = ((rand(&[c], seed + 5, 0.5)? + 1.0)?, rand(&[c], seed + 6, 0.5)?);
         let norm = Norm { weight: &g, bias: Some(&beta), eps: 1e-5 };
-        let (l1, l2) = (Dense { weight: &w1, bias: Some(&b1) }, Dense { weight: &w2, bias: Some(&b2) });
+        let (l1, l2) = (Dense { weight: (&w1).into(), bias: Some(&b1) }, Dense { weight: (&w2).into(), bias: Some(&b2) });
         let f32_ffn = post_norm::ffn_residual_norm(&x, l1, l2, norm)?;
         let hidden = rand(&[m, f], seed + 7, 1.0)?;
         let lin_f32 = post_norm::linear_residual_norm(&hidden, l2, &x, norm)?;
@@ -105,15 +106,28 @@ fn post_norm_cases() -> Result<()> {
         let ffn = post_norm::ffn_residual_norm(&x, l1, l2, norm)?;
         let lin = post_norm::linear_residual_norm(&hidden, l2, &x, norm)?;
         set_precision(Precision::F32)?;
-        let (ffn_want, lin_want) = if m < 8 {
-            (f32_ffn.clone(), lin_f32.clone())
-        } else {
-            let (w1r, w2r) = (to_bf16(&w1)?, to_bf16(&w2)?);
-            let h = fused::linear_reference(&to_bf16(&x)?, &w1r, Some(&b1), Activation::Identity, None)?.relu()?;
-            let ffn = post_norm::linear_residual_norm_reference(&to_bf16(&h)?, Dense { weight: &w2r, bias: Some(&b2) }, &x, norm)?;
-            let lin = post_norm::linear_residual_norm_reference(&to_bf16(&hidden)?, Dense { weight: &w2r, bias: Some(&b2) }, &x, norm)?;
-            (ffn, lin)
-        };
+        let (w1r, w2r) = (to_bf16(&w1)?, to_bf16(&w2)?);
+        let h = fused::linear_reference(&to_bf16(&x)?, &w1r, Some(&b1), Activation::Identity, None)?.relu()?;
+        let ffn_rounded = post_norm::linear_residual_norm_reference(&to_bf16(&h)?, Dense { weight: (&w2r).into(), bias: Some(&b2) }, &x, norm)?;
+        let lin_rounded = post_norm::linear_residual_norm_reference(&to_bf16(&hidden)?, Dense { weight: (&w2r).into(), bias: Some(&b2) }, &x, norm)?;
+        let (ffn_want, lin_want) = if m < 8 { (f32_ffn.clone(), lin_f32.clone()) } else { (ffn_rounded.clone(), lin_rounded.clone()) };
+        // Packed weights (here in f32 mode): the bf16 product for every block, so the bits of
+        // bf16 mode where its blocks have 8 rows or more (700 rows: below 88 threads).
+        let (p1, p2) = (fused::pack_weight(&w1)?, fused::pack_weight(&w2)?);
+        let (pl1, pl2) = (Dense { weight: DenseWeight::Bf16(&p1), bias: Some(&b1) }, Dense { weight: DenseWeight::Bf16(&p2), bias: Some(&b2) });
+        let ffn_packed = post_norm::ffn_residual_norm(&x, pl1, pl2, norm)?;
+        let lin_packed = post_norm::linear_residual_norm(&hidden, pl2, &x, norm)?;
+        for (what, got, want) in [("ffn", &ffn_packed, &ffn_rounded), ("linear", &lin_packed, &lin_rounded)] {
+            let d = max_abs(&(got - want)?)?;
+            assert!(d < 2e-5, "packed {what} m {m}: max |Δ| {d:e} from the rounded reference");
+        }
+        if m >= 8 * 2 * rayon::current_num_threads() {
+            assert_eq!(bits(&ffn_packed)?, bits(&ffn)?, "packed ffn m {m}: not the bits of bf16 mode");
+            assert_eq!(bits(&lin_packed)?, bits(&lin)?, "packed linear m {m}: not the bits of bf16 mode");
+        }
+        let tracked = candle_core::Var::from_tensor(&x)?;
+        assert!(post_norm::ffn_residual_norm(tracked.as_tensor(), pl1, pl2, norm).is_err(), "no gradient through a packed weight");
+        assert!(post_norm::linear_residual_norm(&hidden.to_dtype(DType::F64)?, pl2, &x.to_dtype(DType::F64)?, norm).is_err(), "f32 only");
         for (what, got, want, f32_out) in [("ffn", &ffn, &ffn_want, &f32_ffn), ("linear", &lin, &lin_want, &lin_f32)] {
             let d = max_abs(&(got - want)?)?;
             let moved = max_abs(&(got - f32_out)?)?;

@@ -238,7 +238,7 @@ fn post_norm_sublayers() {
     ];
     check(
         "linear_residual_norm",
-        &|t| post_norm::linear_residual_norm(&t[0], Dense { weight: &t[1], bias: Some(&t[2]) }, &t[3], norm(t, 4)),
+        &|t| post_norm::linear_residual_norm(&t[0], Dense { weight: (&t[1]).into(), bias: Some(&t[2]) }, &t[3], norm(t, 4)),
         &inputs,
         22,
     );
@@ -256,8 +256,8 @@ fn post_norm_sublayers() {
         &|t| {
             post_norm::ffn_residual_norm(
                 &t[0],
-                Dense { weight: &t[1], bias: Some(&t[2]) },
-                Dense { weight: &t[3], bias: Some(&t[4]) },
+                Dense { weight: (&t[1]).into(), bias: Some(&t[2]) },
+                Dense { weight: (&t[3]).into(), bias: Some(&t[4]) },
                 norm(t, 5),
             )
         },

@@ -13,7 +13,7 @@
 //! (see [`super::BatchCoupling`]).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use crate::nn::fused::LayerNorm;
 use crate::nn::{self, mha::MultiheadAttention};
@@ -93,16 +93,16 @@ impl CrossAttentionLayer {
 /// `FFNLayer` (post-norm, ReLU): `LN(x + linear2(relu(linear1(x))))`.
 #[derive(Debug, Clone)]
 pub struct FfnLayer {
-    linear1: Linear,
-    linear2: Linear,
+    linear1: nn::fused::Linear,
+    linear2: nn::fused::Linear,
     norm: LayerNorm,
 }
 
 impl FfnLayer {
     pub fn new(dim: usize, ffn_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear1: nn::linear(dim, ffn_dim, vb.pp("linear1"))?,
-            linear2: nn::linear(ffn_dim, dim, vb.pp("linear2"))?,
+            linear1: nn::fused::linear(dim, ffn_dim, vb.pp("linear1"))?,
+            linear2: nn::fused::linear(ffn_dim, dim, vb.pp("linear2"))?,
             norm: nn::layer_norm(dim, LN_EPS, vb.pp("norm"))?,
         })
     }

@@ -67,8 +67,8 @@ pub struct GlobalDecoderLayer {
     norm1: LayerNorm,
     self_attn: mha::MultiheadAttention,
     norm2: LayerNorm,
-    linear1: Linear,
-    linear2: Linear,
+    linear1: nn::fused::Linear,
+    linear2: nn::fused::Linear,
     norm3: LayerNorm,
 }
 
@@ -81,8 +81,8 @@ impl GlobalDecoderLayer {
             norm1: nn::layer_norm(dim, LN_EPS, vb.pp("norm1"))?,
             self_attn: mha::MultiheadAttention::new(dim, num_heads, vb.pp("self_attn"))?,
             norm2: nn::layer_norm(dim, LN_EPS, vb.pp("norm2"))?,
-            linear1: nn::linear(dim, ffn_dim, vb.pp("linear1"))?,
-            linear2: nn::linear(ffn_dim, dim, vb.pp("linear2"))?,
+            linear1: nn::fused::linear(dim, ffn_dim, vb.pp("linear1"))?,
+            linear2: nn::fused::linear(ffn_dim, dim, vb.pp("linear2"))?,
             norm3: nn::layer_norm(dim, LN_EPS, vb.pp("norm3"))?,
         })
     }

@@ -12,6 +12,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 use deris_kernels::bf16::PackedWeight;
 use deris_kernels::fused::{self as kernels, Activation};
+use deris_kernels::post_norm::{Dense, DenseWeight};
 use deris_kernels::Precision;
 
 /// `nn.Linear`: `weight [out, in]`, optional `bias [out]`.
@@ -67,6 +68,16 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The parameters as the post-norm blocks take them ([`deris_kernels::post_norm`]): the f32
+    /// tensor, or the packed weight (bf16 product, f32 CPU inputs without gradient only).
+    pub fn dense(&self) -> Dense<'_> {
+        let weight = match &self.weight {
+            Weight::F32(w) => DenseWeight::F32(w),
+            Weight::Bf16(w) => DenseWeight::Bf16(w),
+        };
+        Dense { weight, bias: self.bias.as_ref() }
     }
 
     /// `act(x·Wᵀ + b) + residual` on the kernel of the weight's form.

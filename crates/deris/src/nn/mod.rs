@@ -34,9 +34,10 @@ pub fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
     l.forward(x)
 }
 
-/// A Linear's parameters as the fused kernels take them ([`deris_kernels::post_norm`]).
-pub fn dense(l: &Linear) -> deris_kernels::post_norm::Dense<'_> {
-    deris_kernels::post_norm::Dense { weight: l.weight(), bias: l.bias() }
+/// A Linear's parameters as the fused kernels take them ([`deris_kernels::post_norm`]): see
+/// [`fused::Linear::dense`].
+pub fn dense(l: &fused::Linear) -> deris_kernels::post_norm::Dense<'_> {
+    l.dense()
 }
 
 /// A LayerNorm's parameters as the fused kernels take them ([`deris_kernels::post_norm`]).

@@ -6,19 +6,14 @@
 //!
 //! The sampling itself is the [`deris_kernels::ms_deform_attn`](fn@deris_kernels::ms_deform_attn)
 //! op (multithreaded CPU, CUDA with the `cuda` feature, gradients for all inputs); its inputs
-//! come from [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections from
-//! [`deris_kernels::fused::linear`] (both fast on the CPU, primitive ops with gradients in
-//! training).
+//! come from [`deris_kernels::ms_deform_attn::sampling_inputs`] and the projections are
+//! [`crate::nn::fused::Linear`]s (both fast on the CPU, primitive ops with gradients in
+//! training; weights packed once in bf16 when the model is built in bf16 mode).
 
-use candle_core::{DType, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::nn::linear;
-
-/// `x · Wᵀ + b` on [`deris_kernels::fused::linear`] (bias fused into the product on the CPU).
-pub(crate) fn proj(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    deris_kernels::fused::linear(x, l.weight(), l.bias(), deris_kernels::fused::Activation::Identity, None)
-}
+use crate::nn::fused::{linear, Linear};
 
 /// `MSDeformAttn(d_model, n_levels, n_heads, n_points)`.
 #[derive(Debug, Clone)]
@@ -70,7 +65,7 @@ impl MSDeformAttn {
         spatial_shapes: &[(usize, usize)],
     ) -> Result<Tensor> {
         let sampled = self.sample(query, reference_points, input_flatten, spatial_shapes)?;
-        proj(&self.output_proj, &sampled)
+        self.output_proj.forward(&sampled)
     }
 
     /// `output_proj`, for callers that fuse it with what follows (see [`Self::sample`]).
@@ -106,9 +101,9 @@ impl MSDeformAttn {
                 spatial_shapes.len()
             );
         }
-        let value = proj(&self.value_proj, input_flatten)?.reshape((b, s, m, self.d_model / m))?; // [B, S, M, Dh]
-        let offsets = proj(&self.sampling_offsets, query)?.reshape(vec![b, lq, m, l, p, 2])?; // [B, Lq, M, L, P, 2]
-        let logits = proj(&self.attention_weights, query)?.reshape((b, lq, m, l, p))?; // [B, Lq, M, L, P]
+        let value = self.value_proj.forward(input_flatten)?.reshape((b, s, m, self.d_model / m))?; // [B, S, M, Dh]
+        let offsets = self.sampling_offsets.forward(query)?.reshape(vec![b, lq, m, l, p, 2])?; // [B, Lq, M, L, P, 2]
+        let logits = self.attention_weights.forward(query)?.reshape((b, lq, m, l, p))?; // [B, Lq, M, L, P]
         // loc = ref + offset / (W_l, H_l) (the offsets are in pixels of each level), weights
         // softmaxed over the L·P points of each head
         let (loc, weights) = deris_kernels::ms_deform_attn::sampling_inputs(reference_points, &offsets, &logits, spatial_shapes)?;

@@ -8,14 +8,14 @@
 //! `mask_features` (Conv1x1), `adapter_1.{0: Conv1x1 with bias, 1: GroupNorm}`,
 //! `layer_1.{0: Conv3x3, 1: GroupNorm}`.
 
-use candle_core::{Device, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use deris_kernels::post_norm;
 
-use crate::nn::fused::LayerNorm;
+use crate::nn::fused::{linear, LayerNorm, Linear};
 use crate::config::DerisConfig;
-use crate::nn::{dense, interpolate::resize_bilinear, layer_norm, linear, norm, pos_embed};
-use crate::perception::msdeform::{proj, MSDeformAttn};
+use crate::nn::{dense, interpolate::resize_bilinear, layer_norm, norm, pos_embed};
+use crate::perception::msdeform::MSDeformAttn;
 use crate::taps::Taps;
 
 /// `nn.Sequential(Conv2d, GroupNorm[, ReLU])`: keys `0` (conv, with bias) and `1` (norm, eps
@@ -104,7 +104,7 @@ impl MSDeformAttnTransformerEncoderLayer {
         let out_proj = self.self_attn.output_proj();
         if let (Some(prefix), true) = (attn_tap, taps.enabled()) {
             taps.record(format!("{prefix}.query"), &query);
-            taps.record(format!("{prefix}.out"), &proj(out_proj, &sampled)?);
+            taps.record(format!("{prefix}.out"), &out_proj.forward(&sampled)?);
         }
         let src = post_norm::linear_residual_norm(&sampled, dense(out_proj), src, norm(&self.norm1))?;
         post_norm::ffn_residual_norm(&src, dense(&self.linear1), dense(&self.linear2), norm(&self.norm2))
