@@ -115,9 +115,10 @@ pub struct TrainConfig {
     pub replicas: usize,
     /// Each replica's samples run as this many equal chunks side by side (one thread each),
     /// scored with the replica's divisors ([`super::loss::Normalizers`]) and their gradients
-    /// summed: the loss and gradients of the unchunked replica up to rounding, computed on
-    /// several cores at once. On CPU, `deris train` then runs candle's element-wise ops on one
-    /// thread per chunk (measured on 2 cores: 0.14 s per step with 2 chunks, 0.25 s with 1).
+    /// summed: the unchunked replica's objective (only the random loss points are drawn per
+    /// chunk), computed on several cores at once. On CPU, `deris train` then runs candle's
+    /// element-wise ops on one thread per chunk (measured on 2 cores: 0.15 s per step with 2
+    /// chunks, 0.25 s with 1).
     #[serde(default = "default_chunks")]
     pub chunks: usize,
     #[serde(default = "default_epochs")]

@@ -279,8 +279,9 @@ impl Trainer {
         Ok(TrainSummary { steps: self.state.step, last_eval, nsc: self.nsc_total, seconds: start.elapsed().as_secs_f64(), model_dir })
     }
 
-    /// One optimisation step on `batch` (batch number `b` of `epoch`): each replica runs forward,
-    /// loss and backward on its part of the batch in parallel, then the gradients are averaged.
+    /// One optimisation step on `batch` (batch number `b` of `epoch`): each chunk of each replica
+    /// runs forward, loss (with its replica's divisors) and backward on its part of the batch in
+    /// parallel; the chunks' gradients are summed and the replicas' averaged.
     fn step(&mut self, batch: &Batch, epoch: u64, b: usize) -> Result<StepRecord> {
         let step = self.state.step + 1;
         let (replicas, chunks) = (self.cfg.replicas.max(1), self.cfg.chunks.max(1));
