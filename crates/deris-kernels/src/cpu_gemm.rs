@@ -81,14 +81,9 @@ pub(crate) fn matmul_serial_prepacked<T: WithDType>(dst: &mut [T], dst_rs: usize
     if T::DTYPE != DType::F32 || lhs.cs != 1 {
         bail!("cpu gemm: a bf16 packed weight takes an f32 lhs with unit column stride, got {:?} at column stride {}", T::DTYPE, lhs.cs);
     }
+    // The packed weight is `rhs` = `[k, n]`, inside its words by construction.
+    check_shapes(dst, dst_rs, &lhs, (k, n), true)?;
     let m = lhs.rows;
-    if lhs.cols != k {
-        bail!("cpu gemm: [{m}, {}] · packed [{k}, {n}] do not chain", lhs.cols);
-    }
-    let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
-    if !lhs.in_bounds() || !dst_ok {
-        bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
-    }
     // SAFETY: T is f32 (checked above), so the slices are f32 slices of the same length.
     let (a, c) = unsafe {
         (
@@ -109,12 +104,17 @@ pub(crate) fn matmul_serial_prepacked<T: WithDType>(dst: &mut [T], dst_rs: usize
 /// Errors unless `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` chains and every operand lies inside
 /// its slice (`dst` rows `dst_rs` apart, not overlapping).
 fn check<T>(dst: &[T], dst_rs: usize, lhs: &MatRef<T>, rhs: &MatRef<T>) -> Result<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k {
-        bail!("cpu gemm: [{m}, {k}] · [{}, {n}] do not chain", rhs.rows);
+    check_shapes(dst, dst_rs, lhs, (rhs.rows, rhs.cols), rhs.in_bounds())
+}
+
+/// [`check`] for a `rhs` of shape `(rows, cols)` whose own bounds check gave `rhs_in_bounds`.
+fn check_shapes<T>(dst: &[T], dst_rs: usize, lhs: &MatRef<T>, (rhs_rows, n): (usize, usize), rhs_in_bounds: bool) -> Result<()> {
+    let (m, k) = (lhs.rows, lhs.cols);
+    if rhs_rows != k {
+        bail!("cpu gemm: [{m}, {k}] · [{rhs_rows}, {n}] do not chain");
     }
     let dst_ok = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && (m == 1 || dst_rs >= n));
-    if !lhs.in_bounds() || !rhs.in_bounds() || !dst_ok {
+    if !lhs.in_bounds() || !rhs_in_bounds || !dst_ok {
         bail!("cpu gemm: operand out of bounds (m {m}, n {n}, k {k}, dst {} at row stride {dst_rs})", dst.len());
     }
     Ok(())

@@ -2,6 +2,8 @@
 //! of a batch, cut with `narrow` (as the trainer's replicas and a split batch are), gives the same
 //! outputs as the same samples in tensors of their own, with and without gradient tracking.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -10,18 +12,9 @@ use deris::model::Deris;
 use deris::train::params::TrainableWeights;
 use deris::{BatchCoupling, DerisConfig, ModelInputs, Taps};
 
-/// A small model at its own input sizes (64² perception, 32² cognition images).
+/// The training tests' small model (64² perception, 32² cognition images).
 fn config() -> DerisConfig {
-    serde_json::from_value(serde_json::json!({
-        "name": "narrow-test",
-        "beit3": {"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "vocab_size": 64, "max_source_positions": 24, "patch_size": 8},
-        "swin": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4},
-        "understanding": {"hidden_channels": 32, "num_queries": 4, "aligner_layers": 1, "aligner_heads": 2, "aligner_ffn_dim": 32},
-        "pixel_decoder": {"conv_dim": 32, "mask_dim": 32, "num_encoder_layers": 1, "num_heads": 2, "ffn_dim": 32, "groupnorm_groups": 4},
-        "predictor": {"hidden_dim": 32, "num_heads": 2, "dim_feedforward": 32, "dec_layers": 3, "num_queries": 4, "q2tca_heads": 2},
-        "runtime": {"hier_img_size": 64, "img_mini_size": 32, "max_token": 8, "score_threshold": 0.7}
-    }))
-    .unwrap()
+    serde_json::from_value(common::tiny_train_model()).unwrap()
 }
 
 /// Four samples with different images and sentences (the last two padded differently).

@@ -3,29 +3,18 @@
 //! the uninterrupted run's loss trajectory exactly; the outputs (log, curve, model folder) are
 //! written and the exported model loads into a `Segmenter`.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::Device;
 use deris::data::synth::{self, SynthConfig};
 use deris::train::{Event, TrainConfig, Trainer};
-use serde_json::{json, Value};
-
-/// A model small enough to train in seconds on two cores (64² images, 8 channels).
-fn model() -> Value {
-    json!({
-        "name": "ci-tiny",
-        "beit3": {"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "vocab_size": 128, "max_source_positions": 24, "patch_size": 8},
-        "swin": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4},
-        "understanding": {"hidden_channels": 32, "num_queries": 4, "aligner_layers": 1, "aligner_heads": 2, "aligner_ffn_dim": 32},
-        "pixel_decoder": {"conv_dim": 32, "mask_dim": 32, "num_encoder_layers": 1, "num_heads": 2, "ffn_dim": 32, "groupnorm_groups": 4},
-        "predictor": {"hidden_dim": 32, "num_heads": 2, "dim_feedforward": 32, "dec_layers": 3, "num_queries": 4, "q2tca_heads": 2},
-        "runtime": {"hier_img_size": 64, "img_mini_size": 32, "max_token": 16, "score_threshold": 0.7}
-    })
-}
+use serde_json::json;
 
 fn config(data: &Path, steps: u64) -> TrainConfig {
     let v = json!({
-        "model": model(),
+        "model": common::tiny_train_model(),
         "data": {"annotations": data.join("grefs/instances.json"), "image_root": data.join("images"), "layout": "deris_grefs", "val_limit": 8},
         "batch_size": 4,
         "epochs": 100,

@@ -106,3 +106,17 @@ pub fn tiny_a_config() -> deris::DerisConfig {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-a.json");
     deris::DerisConfig::from_file(&p).unwrap()
 }
+
+/// A model small enough to train in seconds on two cores (64² / 32² images, 8 Swin channels,
+/// 4 queries), as a model config's JSON.
+pub fn tiny_train_model() -> serde_json::Value {
+    serde_json::json!({
+        "name": "ci-tiny",
+        "beit3": {"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "vocab_size": 128, "max_source_positions": 24, "patch_size": 8},
+        "swin": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4},
+        "understanding": {"hidden_channels": 32, "num_queries": 4, "aligner_layers": 1, "aligner_heads": 2, "aligner_ffn_dim": 32},
+        "pixel_decoder": {"conv_dim": 32, "mask_dim": 32, "num_encoder_layers": 1, "num_heads": 2, "ffn_dim": 32, "groupnorm_groups": 4},
+        "predictor": {"hidden_dim": 32, "num_heads": 2, "dim_feedforward": 32, "dec_layers": 3, "num_queries": 4, "q2tca_heads": 2},
+        "runtime": {"hier_img_size": 64, "img_mini_size": 32, "max_token": 16, "score_threshold": 0.7}
+    })
+}
