@@ -44,6 +44,9 @@ pub struct DerisOutput {
     pub pred_existence: Tensor,
     /// `[B, N, d]` final decoder queries.
     pub query_feat: Tensor,
+    /// `[B, N, d]` final round's `decoder_norm` of the decoder queries (the heads' input; training's
+    /// category head reads it).
+    pub query_norm: Tensor,
     /// Rounds before the last (training's auxiliary outputs).
     pub aux: Vec<RoundOutput>,
 }
@@ -168,6 +171,7 @@ impl Deris {
             pred_logits_perception: perc.pred_logits,
             pred_existence: post.pred_existence,
             query_feat: perc.query_feat,
+            query_norm: perc.query_norm,
             aux: perc.aux,
         })
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use deris::data::nsc::NscBank;
+use deris::data::readers::coco::Instances;
 use deris::data::synth::expr::Kind;
 use deris::data::synth::scene::{Colour, Object, ShapeKind, SizeClass};
 use deris::data::synth::{self, SynthConfig, SynthError};
@@ -39,7 +40,7 @@ fn same_seed_writes_identical_bytes() {
     synth::write(&tmp.path().join("a"), &cfg).unwrap();
     synth::write(&tmp.path().join("b"), &cfg).unwrap();
     let (a, b) = (files(&tmp.path().join("a")), files(&tmp.path().join("b")));
-    assert_eq!(a.len(), 16 + 2, "16 images, instances.json, train_dict.json, no temporary files: {:?}", a.keys());
+    assert_eq!(a.len(), 16 + 3, "16 images, the two grefs files, coco/instances.json, no temporary files: {:?}", a.keys());
     assert!(a == b, "two runs with the same seed differ");
     synth::write(&tmp.path().join("c"), &config(12, 12, 4)).unwrap();
     let c = files(&tmp.path().join("c"));
@@ -204,4 +205,39 @@ fn bad_options_fail_before_writing() {
     let err = synth::write(&out, &SynthConfig { sentences_per_image: 0, ..config(0, 1, 1) }).unwrap_err();
     assert!(err.to_string().contains("sentences_per_image"), "{err}");
     assert!(!out.exists());
+}
+
+#[test]
+fn the_coco_file_lists_every_object_under_the_referring_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(4, 12, 3);
+    let written = synth::write(tmp.path(), &cfg).unwrap();
+    assert_eq!(written.objects, tmp.path().join("coco").join("instances.json"));
+    let instances = Instances::load(&written.objects).unwrap();
+    let by_image = instances.objects_by_image().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&written.objects).unwrap()).unwrap();
+    let categories: BTreeMap<u64, String> =
+        json["categories"].as_array().unwrap().iter().map(|c| (c["id"].as_u64().unwrap(), c["name"].as_str().unwrap().to_string())).collect();
+    assert_eq!(categories.len(), 48);
+    assert_eq!(instances.images.len(), 15);
+    for split in ["train", "val"] {
+        for s in written.source().read_split(split).unwrap().samples {
+            let want = synth::image(&cfg, s.image_id).unwrap();
+            let objects = &by_image[&s.image_id];
+            // every object of the scene, in scene order, with its exact mask
+            assert_eq!(objects.len(), want.scene.objects.len(), "{}", s.label);
+            assert_eq!(s.masks_of(objects.iter().map(|o| &o.target), cfg.size, cfg.size).unwrap(), want.scene.masks().unwrap(), "{}", s.label);
+            // each object's category is its (size, colour, shape) kind
+            for (o, object) in objects.iter().zip(&want.scene.objects) {
+                let name = format!("{} {} {}", object.size.name(), object.colour.name(), object.shape.name());
+                assert_eq!(categories[&o.category_id.unwrap()], name, "{}", s.label);
+            }
+            // a referred object has the same annotation id in both files
+            for t in &s.targets {
+                assert!(objects.iter().any(|o| o.target.ann_id == t.ann_id && o.target.segmentation == t.segmentation), "{}: {:?}", s.label, t.ann_id);
+            }
+            let image = instances.image(s.image_id, &s.label).unwrap();
+            assert_eq!(tmp.path().join("images").join(&image.file_name), s.image_path);
+        }
+    }
 }

@@ -183,3 +183,66 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_weights() {
     assert_eq!(ck.state.step, last);
     assert!(ck.weights.values().all(|t| t.flatten_all().unwrap().to_vec1::<f32>().map_or(true, |v| v.iter().all(|x| x.is_finite()))));
 }
+
+/// With the synthetic dataset's object list (`data.objects`), the perception terms are scored
+/// on every object of the image; the loss still falls, the run resumes exactly, and a
+/// perception weight without an object list is refused before training.
+#[test]
+fn perception_loss_on_every_object_trains_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let with_objects = |steps| {
+        let mut cfg = config(&data, steps);
+        cfg.data.objects = Some(data.join("coco/instances.json"));
+        cfg.loss.perception_weight = 1.0;
+        cfg.loss.positive_iou = Some(0.5);
+        cfg.loss.category_weight = 1.0;
+        cfg
+    };
+    let terms = first_terms(with_objects(1), &tmp.path().join("first"));
+    for name in ["loss_pcls", "loss_pbce", "loss_pdice", "loss_pcls_0", "loss_pdice_2", "loss_pcat", "loss_pcat_2"] {
+        assert!(terms[name].is_finite() && terms[name] > 0.0, "{name}: {:?}", terms.get(name));
+    }
+    let whole = losses(with_objects(24), &tmp.path().join("whole"), None);
+    let mean = |s: &[(u64, f64)]| s.iter().map(|p| p.1).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&whole[..6]), mean(&whole[18..]));
+    assert!(last < 0.85 * first, "the loss did not fall with the perception terms: {first:.3} → {last:.3}");
+    let split = tmp.path().join("split");
+    let head = losses(with_objects(7), &split, None);
+    let rest = losses(with_objects(24), &split, Some(&split.join("checkpoints")));
+    assert_eq!(head.into_iter().chain(rest).collect::<Vec<_>>(), whole, "a run with the perception terms is not reproducible");
+    // the category head is checkpointed (for the resume above) but not exported with the model
+    let keys = |p: &Path| deris::checkpoint::Checkpoint::open(p).unwrap().names().filter(|k| k.starts_with("train.")).count();
+    let latest = std::fs::read_to_string(split.join("checkpoints/latest")).unwrap();
+    let step_dir = split.join("checkpoints").join(latest.trim());
+    assert_eq!(keys(&step_dir.join("training_heads.safetensors")), 2);
+    assert_eq!(keys(&step_dir.join("model.safetensors")), 0);
+    assert_eq!(keys(&split.join("model/model.safetensors")), 0);
+
+    let mut bad = with_objects(1);
+    bad.loss.positive_iou = Some(1.5);
+    assert!(bad.validate().unwrap_err().to_string().contains("positive_iou"));
+    let mut bad = with_objects(1);
+    bad.loss.perception_weight = 0.0;
+    assert!(bad.validate().unwrap_err().to_string().contains("category_weight"));
+    let mut no_list = with_objects(1);
+    no_list.data.objects = None;
+    let err = Trainer::new(no_list, &tmp.path().join("refused"), None, &Device::Cpu).err().expect("perception_weight without objects");
+    assert!(err.to_string().contains("data.objects"), "{err}");
+}
+
+/// An epoch whose last batch is short (8 samples in batches of 6: the second has 2) still runs
+/// with more chunks than that batch has samples, and with 2 replicas.
+#[test]
+fn a_short_last_batch_runs_with_chunks_and_replicas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    for (replicas, chunks) in [(1, 3), (2, 3)] {
+        let cfg = TrainConfig { batch_size: 6, replicas, chunks, ..config(&data, 2) };
+        let l = losses(cfg, &tmp.path().join(format!("run-{replicas}-{chunks}")), None);
+        assert_eq!(l.len(), 2, "{replicas} replicas × {chunks} chunks");
+        assert!(l.iter().all(|(_, v)| v.is_finite()));
+    }
+}

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use deris::data::rng::SplitMix64;
 use deris::loopback::RoundOutput;
 use deris::train::loss::{deris_loss, deris_loss_part, LossConfig, Normalizers, Target};
-use deris::train::matcher::match_round;
+use deris::train::matcher::{match_round, overlap_positives};
 use deris::train::points::uniform_points;
 use deris::DerisOutput;
 
@@ -176,7 +176,7 @@ fn t3(v: &[Vec<[f64; 2]>]) -> Tensor {
 
 fn target_tensor(masks: &[Map]) -> Target {
     let flat: Vec<f32> = masks.iter().flatten().map(|&x| x as f32).collect();
-    Target { masks: Tensor::from_vec(flat, (masks.len(), H, W), &Device::Cpu).unwrap() }
+    Target { masks: Tensor::from_vec(flat, (masks.len(), H, W), &Device::Cpu).unwrap(), objects: None, object_categories: Vec::new() }
 }
 
 fn map(f: impl Fn(usize, usize) -> f64) -> Map {
@@ -193,9 +193,10 @@ fn output(final_masks: Tensor, refer: Tensor, existence: Tensor, aux: Vec<(Tenso
         pred_logits_perception: zeros(2),
         pred_existence: existence,
         query_feat: zeros(8),
+        query_norm: zeros(8),
         aux: aux
             .into_iter()
-            .map(|(m, r)| RoundOutput { pred_masks_lowres: m, pred_boxes: zeros(4), pred_logits: zeros(2), pred_refer_logits: r })
+            .map(|(m, r)| RoundOutput { pred_masks_lowres: m, pred_boxes: zeros(4), pred_logits: zeros(2), pred_refer_logits: r, query_norm: zeros(8) })
             .collect(),
     }
 }
@@ -250,7 +251,7 @@ fn batch_output(bt: &Batch) -> (DerisOutput, Vec<Target>) {
     );
     let targets = vec![
         target_tensor(&bt.targets[0]),
-        Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap() },
+        Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap(), objects: None, object_categories: Vec::new() },
     ];
     (out, targets)
 }
@@ -373,7 +374,7 @@ fn gradients_reach_every_scored_output_and_are_finite() {
 fn a_batch_without_targets_scores_only_no_object_and_existence() {
     let bt = batch();
     let (out, _) = batch_output(&bt);
-    let empty = || Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap() };
+    let empty = || Target { masks: Tensor::zeros((0, H, W), DType::F32, &Device::Cpu).unwrap(), objects: None, object_categories: Vec::new() };
     let targets = vec![empty(), empty()];
     assert!(!targets[0].exists());
     let loss = deris_loss(&out, &targets, &LossConfig::default(), &mut SplitMix64::new(1)).unwrap();
@@ -403,10 +404,17 @@ fn sample_output(out: &DerisOutput, i: usize) -> DerisOutput {
         pred_logits_perception: cut(&out.pred_logits_perception),
         pred_existence: cut(&out.pred_existence),
         query_feat: cut(&out.query_feat),
+        query_norm: cut(&out.query_norm),
         aux: out
             .aux
             .iter()
-            .map(|r| RoundOutput { pred_masks_lowres: cut(&r.pred_masks_lowres), pred_boxes: cut(&r.pred_boxes), pred_logits: cut(&r.pred_logits), pred_refer_logits: cut(&r.pred_refer_logits) })
+            .map(|r| RoundOutput {
+                pred_masks_lowres: cut(&r.pred_masks_lowres),
+                pred_boxes: cut(&r.pred_boxes),
+                pred_logits: cut(&r.pred_logits),
+                pred_refer_logits: cut(&r.pred_refer_logits),
+                query_norm: cut(&r.query_norm),
+            })
             .collect(),
     }
 }
@@ -420,9 +428,10 @@ fn chunks_scored_with_the_batch_divisors_add_up_to_the_batch_loss() {
     let (out, targets) = batch_output(&bt);
     let whole = deris_loss(&out, &targets, &cfg, &mut SplitMix64::new(3)).unwrap();
     let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
-    assert_eq!(norm, Normalizers { num_masks: 2.0, class_weight_sum: 2.0 + 4.0 * 0.1, samples: 2.0 });
+    // no object lists: the perception divisors are those of zero objects
+    assert_eq!(norm, Normalizers { num_masks: 2.0, class_weight_sum: 2.0 + 4.0 * 0.1, samples: 2.0, num_objects: 1.0, object_weight_sum: 6.0 * 0.1 });
     let parts: Vec<_> = (0..2)
-        .map(|i| deris_loss_part(&sample_output(&out, i), &targets[i..i + 1], &cfg, &norm, &mut SplitMix64::new(3)).unwrap())
+        .map(|i| deris_loss_part(&sample_output(&out, i), &targets[i..i + 1], &cfg, &norm, &[], &mut SplitMix64::new(3)).unwrap())
         .collect();
     for (name, want) in &whole.terms {
         let got: f64 = parts.iter().map(|p| p.terms[name]).sum();
@@ -448,4 +457,134 @@ fn loss_config_defaults_fill_missing_fields() {
     let cfg: LossConfig = serde_json::from_str(r#"{"num_points": 100}"#).unwrap();
     assert_eq!(cfg, LossConfig { num_points: 100, ..LossConfig::default() });
     assert_eq!((cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.no_object_weight, cfg.aux_weight), (2.0, 5.0, 5.0, 0.1, 0.2));
+}
+
+/// The batch with object lists (image 0: the two targets and a third object; image 1, which has
+/// no target: one object) and perception logits for both rounds.
+fn batch_with_objects(bt: &Batch) -> (DerisOutput, Vec<Target>, Vec<Vec<Map>>, [Vec<Vec<[f64; 2]>>; 2]) {
+    let (mut out, mut targets) = batch_output(bt);
+    let top_right = map(|r, c| if r < 3 && c >= 5 { 1.0 } else { 0.0 });
+    let centre = map(|r, c| if (2..6).contains(&r) && (2..6).contains(&c) { 1.0 } else { 0.0 });
+    let objects = vec![vec![bt.targets[0][0].clone(), bt.targets[0][1].clone(), top_right], vec![centre]];
+    for (t, o) in targets.iter_mut().zip(&objects) {
+        t.objects = Some(target_tensor(o).masks);
+    }
+    let perception = [
+        vec![vec![[0.5, -0.5], [1.0, 0.2], [-0.3, 0.4]], vec![[0.1, 0.9], [0.7, -0.2], [-1.0, 0.5]]],
+        vec![vec![[-0.4, 0.3], [0.8, 0.1], [0.2, -0.6]], vec![[1.2, 0.0], [-0.3, 0.3], [0.0, 0.5]]],
+    ];
+    out.pred_logits_perception = t3(&perception[0]);
+    out.aux[0].pred_logits = t3(&perception[1]);
+    (out, targets, objects, perception)
+}
+
+#[test]
+fn perception_terms_score_every_object_with_the_perception_logits() {
+    let bt = batch();
+    let (out, targets, objects, perception) = batch_with_objects(&bt);
+    let cfg = LossConfig { perception_weight: 0.5, ..small_cfg() };
+    let mut rng = SplitMix64::new(5);
+    let mut replay = rng.clone();
+    let loss = deris_loss(&out, &targets, &cfg, &mut rng).unwrap();
+
+    // per round: the referring terms on the targets, then the perception terms on the objects
+    // (4 in the batch), the perception logits in place of the referring ones
+    let fin = oracle_round(&bt.fin, &bt.targets, &cfg, 2.0, &mut replay);
+    let fin_p = oracle_round(&Round { masks: bt.fin.masks.clone(), refer: perception[0].clone() }, &objects, &cfg, 4.0, &mut replay);
+    let aux = oracle_round(&bt.aux, &bt.targets, &cfg, 2.0, &mut replay);
+    let aux_p = oracle_round(&Round { masks: bt.aux.masks.clone(), refer: perception[1].clone() }, &objects, &cfg, 4.0, &mut replay);
+    assert_eq!(rng, replay, "the loss drew a different number of points than documented");
+    for (name, t) in [("", fin), ("_0", aux), ("p", fin_p), ("p_0", aux_p)] {
+        let (prefix, suffix) = name.split_at(usize::from(name.starts_with('p')));
+        assert_term(&loss.terms, &format!("loss_{prefix}cls{suffix}"), t[0]);
+        assert_term(&loss.terms, &format!("loss_{prefix}bce{suffix}"), t[1]);
+        assert_term(&loss.terms, &format!("loss_{prefix}dice{suffix}"), t[2]);
+    }
+    let weighted = |t: [f64; 3]| 2.0 * t[0] + 5.0 * t[1] + 5.0 * t[2];
+    let exist = (softplus(-bt.existence[0]) + softplus(bt.existence[1])) / 2.0;
+    let total = weighted(fin) + 0.5 * weighted(fin_p) + 0.2 * (weighted(aux) + 0.5 * weighted(aux_p)) + exist;
+    assert_term(&loss.terms, "total", total);
+    assert_eq!(loss.terms.len(), 14, "{:?}", loss.terms.keys());
+
+    // the perception terms need every sample's objects
+    let mut missing = targets.clone();
+    missing[1].objects = None;
+    let err = deris_loss(&out, &missing, &cfg, &mut SplitMix64::new(5)).unwrap_err().to_string();
+    assert!(err.contains("objects") && err.contains("sample 1"), "{err}");
+    // and weight 0 (the authors' objective) ignores them: the same terms as without objects
+    let plain = deris_loss(&out, &targets, &small_cfg(), &mut SplitMix64::new(5)).unwrap();
+    let (out0, targets0) = batch_output(&bt);
+    let without = deris_loss(&out0, &targets0, &small_cfg(), &mut SplitMix64::new(5)).unwrap();
+    assert_eq!(plain.terms, without.terms);
+}
+
+#[test]
+fn overlap_positives_label_every_query_on_a_referent() {
+    // Query 0 of image 0 now covers three of target 0's four columns (IoU 0.75); queries 1 and 2
+    // are the two targets exactly. Image 1 has no target.
+    let mut bt = batch();
+    bt.fin.masks[0][0] = map(|_, c| if c < 3 { 2.0 } else { -2.0 });
+    let (out, targets) = batch_output(&bt);
+    assert_eq!(overlap_positives(&out.pred_masks, &targets, 0.5).unwrap(), vec![vec![0, 1, 2], vec![]]);
+    assert_eq!(overlap_positives(&out.pred_masks, &targets, 0.8).unwrap(), vec![vec![1, 2], vec![]]);
+
+    // The cross entropy labels query 0 "referred" too (weight 1); the divisor stays that of the
+    // one-to-one labels (2 matched + 4 × 0.1).
+    let cfg = LossConfig { positive_iou: Some(0.5), ..small_cfg() };
+    let loss = deris_loss(&out, &targets, &cfg, &mut SplitMix64::new(9)).unwrap();
+    let lse = |[a, b]: [f64; 2]| (a.exp() + b.exp()).ln();
+    let r = &bt.fin.refer;
+    let referred: f64 = (0..3).map(|q| lse(r[0][q]) - r[0][q][0]).sum();
+    let rest: f64 = r[1].iter().map(|&l| lse(l) - l[1]).sum();
+    assert_term(&loss.terms, "loss_cls", (referred + 0.1 * rest) / (2.0 + 0.1 * 4.0));
+    // the mask terms stay one-to-one: the same as with the authors' labels
+    let one_to_one = deris_loss(&out, &targets, &small_cfg(), &mut SplitMix64::new(9)).unwrap();
+    for term in ["loss_bce", "loss_dice", "loss_bce_0", "loss_dice_0"] {
+        assert_eq!(loss.terms[term], one_to_one.terms[term], "{term}");
+    }
+}
+
+#[test]
+fn category_terms_name_the_matched_objects_categories() {
+    // The perception matching of both rounds is the obvious one in image 0 (query 1 → the left
+    // half, query 2 → the quadrant, query 0 → the top-right block); image 1's category logits
+    // are the same for every query, so its one object scores the same whichever query it gets.
+    let bt = batch();
+    let (out, mut targets, _, _) = batch_with_objects(&bt);
+    targets[0].object_categories = vec![2, 0, 3];
+    targets[1].object_categories = vec![1];
+    let logits = [
+        vec![vec![[0.2, 1.0, -0.5, 0.3], [1.5, 0.1, 0.0, -1.0], [0.0, 0.4, 0.9, 0.2]], vec![[0.3, -0.2, 0.8, 0.1]; 3]],
+        vec![vec![[-0.1, 0.6, 0.2, 0.0], [0.9, 0.9, -0.4, 0.3], [0.1, -0.3, 0.5, 1.1]], vec![[0.5, 0.5, -0.5, 0.0]; 3]],
+    ];
+    let t = |l: &Vec<Vec<[f64; 4]>>| {
+        let flat: Vec<f32> = l.iter().flatten().flatten().map(|&x| x as f32).collect();
+        Tensor::from_vec(flat, (2, 3, 4), &Device::Cpu).unwrap()
+    };
+    let ce = |row: [f64; 4], label: usize| row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[label];
+    let want = |l: &Vec<Vec<[f64; 4]>>| (ce(l[0][0], 3) + ce(l[0][1], 2) + ce(l[0][2], 0) + ce(l[1][0], 1)) / 4.0;
+
+    let cfg = LossConfig { perception_weight: 0.5, category_weight: 0.7, ..small_cfg() };
+    let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
+    let rounds = [t(&logits[0]), t(&logits[1])];
+    let with = deris_loss_part(&out, &targets, &cfg, &norm, &rounds, &mut SplitMix64::new(5)).unwrap();
+    assert_term(&with.terms, "loss_pcat", want(&logits[0]));
+    assert_term(&with.terms, "loss_pcat_0", want(&logits[1]));
+    // the other terms are those of the same loss without categories, the total adds them
+    let cfg0 = LossConfig { category_weight: 0.0, ..cfg.clone() };
+    let without = deris_loss_part(&out, &targets, &cfg0, &norm, &[], &mut SplitMix64::new(5)).unwrap();
+    for (k, v) in &without.terms {
+        if k != "total" {
+            assert_eq!(with.terms[k], *v, "{k}");
+        }
+    }
+    assert_term(&with.terms, "total", without.terms["total"] + 0.7 * want(&logits[0]) + 0.2 * 0.7 * want(&logits[1]));
+
+    // categories the head does not have, and missing logits, are errors
+    let mut bad = targets.clone();
+    bad[1].object_categories = vec![4];
+    let err = deris_loss_part(&out, &bad, &cfg, &norm, &rounds, &mut SplitMix64::new(5)).unwrap_err().to_string();
+    assert!(err.contains("category 4"), "{err}");
+    let err = deris_loss_part(&out, &targets, &cfg, &norm, &rounds[..1], &mut SplitMix64::new(5)).unwrap_err().to_string();
+    assert!(err.contains("category logits"), "{err}");
 }

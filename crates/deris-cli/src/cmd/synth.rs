@@ -10,7 +10,8 @@ use serde_json::json;
 /// Arguments.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Output folder (created): `images/`, `grefs/instances.json`, `grefs/train_dict.json`.
+    /// Output folder (created): `images/`, `grefs/instances.json`, `grefs/train_dict.json`,
+    /// `coco/instances.json` (every object).
     #[arg(long)]
     out: PathBuf,
     /// Seed: the same seed writes byte-identical files.
@@ -52,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let counts = |c: SplitCounts| json!({"images": c.images, "items": c.items, "single": c.single, "multi": c.multi, "no_target": c.no_target});
     let summary = json!({
         "annotations": written.annotations, "image_root": written.image_root, "train_dict": written.train_dict,
+        "objects": written.objects,
         "layout": "deris-grefs", "seed": args.seed, "train": counts(written.train), "val": counts(written.val),
     });
     println!("{summary:#}");

@@ -23,7 +23,8 @@ pub struct Args {
     /// Continue a run: a checkpoint folder, or a run's `checkpoints/` folder (its latest).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// A `deris synth` folder: sets data.annotations and data.image_root.
+    /// A `deris synth` folder: sets data.annotations and data.image_root (and data.objects, when
+    /// the config uses an object list, to its coco/instances.json).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Stop after this many steps in all.
@@ -46,6 +47,9 @@ pub fn run(args: Args) -> Result<()> {
         cfg.data.annotations = d.join("grefs").join("instances.json");
         cfg.data.image_root = d.join("images");
         cfg.data.layout = Some("deris_grefs".into());
+        if cfg.data.objects.is_some() {
+            cfg.data.objects = Some(d.join("coco").join("instances.json"));
+        }
     }
     if args.max_steps.is_some() {
         cfg.max_steps = args.max_steps;

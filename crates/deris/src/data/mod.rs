@@ -93,6 +93,14 @@ pub struct Target {
     pub segmentation: Segmentation,
 }
 
+/// One object of an image as COCO's `instances.json` lists it (training's perception targets).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageObject {
+    pub target: Target,
+    /// COCO `category_id`, when the file gives one.
+    pub category_id: Option<u64>,
+}
+
 /// One sample: an image, its sentence(s) and 0..n targets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -144,8 +152,14 @@ impl Sample {
 
     /// One mask per target at `h`×`w` (DeRIS `gt_mask_parts_rle` before resizing), in target order.
     pub fn target_masks(&self, h: u32, w: u32) -> Result<Vec<Rle>> {
-        self.targets
-            .iter()
+        self.masks_of(&self.targets, h, w)
+    }
+
+    /// One mask per object of `objects` (annotations of this sample's image, e.g. every object
+    /// of it for training's perception targets) at `h`×`w`, errors naming this sample.
+    pub fn masks_of<'a>(&self, objects: impl IntoIterator<Item = &'a Target>, h: u32, w: u32) -> Result<Vec<Rle>> {
+        objects
+            .into_iter()
             .map(|t| match &t.segmentation {
                 Segmentation::Polygons(p) => deris_coco::fr_polygons(p, h, w).and_then(|r| Rle::merge(&r)).map_err(|e| self.mask_error(e)),
                 Segmentation::Rle(r) => self.checked_rle(r, h, w),

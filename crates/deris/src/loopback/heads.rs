@@ -20,6 +20,8 @@ pub struct HeadsOutput {
     pub boxes: Tensor,
     /// `[B, N, 2]` `cls_embed` logits (perception classes, training only).
     pub cls: Tensor,
+    /// `[B, N, C]` `decoder_norm(query)`, the heads' input (training's category head reads it).
+    pub query_norm: Tensor,
 }
 
 /// `decoder_norm` followed by the mask, box and class heads.
@@ -58,7 +60,7 @@ impl PredictionHeads {
         let feats = mask_features.reshape((b, cm, h4 * w4))?; // [B, C_mask, H4·W4]
         let mask_logits = emb.matmul(&feats)?.reshape((b, n, h4, w4))?; // [B, N, H4, W4]
         let boxes = candle_nn::ops::sigmoid(&self.box_embed.forward(&z)?)?;
-        Ok(HeadsOutput { mask_logits, boxes, cls })
+        Ok(HeadsOutput { mask_logits, boxes, cls, query_norm: z })
     }
 }
 

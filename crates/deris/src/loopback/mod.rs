@@ -39,6 +39,8 @@ pub struct RoundOutput {
     pub pred_logits: Tensor,
     /// `[B, N, 2]` referring logits (index 0 = referred).
     pub pred_refer_logits: Tensor,
+    /// `[B, N, C]` the round's `decoder_norm(query)` (the heads' input).
+    pub query_norm: Tensor,
 }
 
 /// What the predictor returns (the authors' dict keys).
@@ -55,6 +57,8 @@ pub struct PredictorOutput {
     pub pred_refer_logits: Tensor,
     /// `[B, N, C]` final queries (the input of the cognition post-pass).
     pub query_feat: Tensor,
+    /// `[B, N, C]` last round's `decoder_norm(query)` (the heads' input).
+    pub query_norm: Tensor,
     /// Rounds `0..dec_layers` (all but the last), for the auxiliary losses.
     pub aux: Vec<RoundOutput>,
 }
@@ -233,6 +237,7 @@ impl MultiScaleMaskedTransformerDecoder {
                 pred_boxes: out.boxes,
                 pred_logits: out.cls,
                 pred_refer_logits: lb.refer_logits,
+                query_norm: out.query_norm,
             });
         }
 
@@ -252,6 +257,7 @@ impl MultiScaleMaskedTransformerDecoder {
             pred_logits: last.pred_logits,
             pred_refer_logits: last.pred_refer_logits,
             query_feat: q,
+            query_norm: last.query_norm,
             aux: rounds,
         })
     }

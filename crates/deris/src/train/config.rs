@@ -43,6 +43,11 @@ pub struct DataConfig {
     /// COCO `instances.json` of the refer and ReLA layouts [default: beside the annotations].
     #[serde(default)]
     pub instances: Option<PathBuf>,
+    /// COCO `instances.json` listing every object of the training images (COCO's own file for
+    /// gRefCOCO; `deris synth` writes `coco/instances.json`): the targets of the perception loss
+    /// (`loss.perception_weight`). Relative paths as `annotations`.
+    #[serde(default)]
+    pub objects: Option<PathBuf>,
     #[serde(default = "default_train_split")]
     pub train_split: String,
     /// `null` to train without validation.
@@ -235,6 +240,18 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.augment.hflip) {
             return bad("augment.hflip", "must be in [0, 1]");
+        }
+        if self.loss.positive_iou.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+            return bad("loss.positive_iou", "must be in (0, 1]");
+        }
+        if !(self.loss.perception_weight >= 0.0 && self.loss.perception_weight.is_finite()) {
+            return bad("loss.perception_weight", "must be a non-negative number");
+        }
+        if !(self.loss.category_weight >= 0.0 && self.loss.category_weight.is_finite()) {
+            return bad("loss.category_weight", "must be a non-negative number");
+        }
+        if self.loss.category_weight > 0.0 && self.loss.perception_weight <= 0.0 {
+            return bad("loss.category_weight", "needs loss.perception_weight > 0 (its queries are the perception loss's matches)");
         }
         if self.checkpoint_every == 0 || self.log_every == 0 || self.eval_every == Some(0) {
             return bad("checkpoint_every / log_every / eval_every", "must be at least 1");

@@ -1,12 +1,15 @@
 //! Training batches (TRAIN-EVAL-SPEC §3): per sample, NSC (§4), the sentence choice, the two
 //! resized and normalised images, the tokens, and one ground-truth mask per target at the
-//! perception size (pycocotools rasterisation at the decoded size, then OpenCV nearest).
+//! perception size (pycocotools rasterisation at the decoded size, then OpenCV nearest); with
+//! an object list (`data.objects`), also every object of the image at that size, the targets of
+//! the optional perception loss.
 //!
 //! Every random choice is a pure function of `(seed, epoch, sample index)`, so a batch is the
 //! same whichever thread builds it and whenever (a resumed run sees the same data). Samples of a
 //! batch are built in parallel; [`Prefetcher`] builds the next batches on a background thread
 //! while the current step runs.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +21,7 @@ use super::loss::Target;
 use crate::config::DerisConfig;
 use crate::data::nsc::{Nsc, NscDraw, NscOutcome, NscStats};
 use crate::data::rng::SplitMix64;
-use crate::data::Sample;
+use crate::data::{ImageObject, Sample};
 use crate::error::{Error, Result};
 use crate::model::ModelInputs;
 use crate::preprocess::image::{load_image, preprocess, RgbImage};
@@ -46,6 +49,8 @@ pub struct TrainData {
     max_token: usize,
     nsc: Option<Nsc>,
     augment: Augment,
+    /// Every object of each image, by image id (perception targets), when given.
+    objects: Option<HashMap<u64, Vec<ImageObject>>>,
     device: Device,
 }
 
@@ -58,29 +63,60 @@ pub struct Batch {
     pub nsc: NscStats,
 }
 
+/// One part of a batch: the samples one chunk of one replica runs.
+pub struct Part<'a> {
+    /// The replica whose divisors score it.
+    pub replica: usize,
+    pub inputs: ModelInputs,
+    pub targets: &'a [Target],
+}
+
 impl Batch {
-    /// The batch cut into `parts` equal runs of consecutive samples (one per replica): the
-    /// model inputs of each run and its targets.
-    pub fn split(&self, parts: usize) -> Result<Vec<(ModelInputs, &[Target])>> {
-        let b = self.targets.len();
-        if parts == 0 || b % parts != 0 {
-            return Err(Error::Input { name: "batch".into(), reason: format!("{b} samples do not split into {parts} equal parts") });
-        }
-        let n = b / parts;
-        let cut = |t: &Tensor, i: usize| t.narrow(0, i * n, n);
-        (0..parts)
-            .map(|i| {
-                let x = &self.inputs;
-                let inputs = ModelInputs {
-                    img: cut(&x.img, i)?,
-                    img_mini: cut(&x.img_mini, i)?,
-                    ref_expr_inds: cut(&x.ref_expr_inds, i)?,
-                    text_attention_mask: cut(&x.text_attention_mask, i)?,
-                };
-                Ok((inputs, &self.targets[i * n..(i + 1) * n]))
-            })
-            .collect()
+    /// The samples of each of `replicas` replicas: runs of consecutive samples whose lengths
+    /// differ by at most one (equal for a full batch, whose size the config makes a multiple).
+    pub fn replica_targets(&self, replicas: usize) -> Vec<&[Target]> {
+        even_ranges(self.targets.len(), replicas).into_iter().map(|r| &self.targets[r]).collect()
     }
+
+    /// The batch cut into `chunks` parts per replica ([`Batch::replica_targets`]'s runs, each cut
+    /// the same way), replica by replica; empty parts (a short last batch) are left out.
+    pub fn split(&self, replicas: usize, chunks: usize) -> Result<Vec<Part<'_>>> {
+        if replicas == 0 || chunks == 0 {
+            return Err(Error::Input { name: "batch".into(), reason: "needs at least one replica and one chunk".into() });
+        }
+        let x = &self.inputs;
+        let mut parts = Vec::with_capacity(replicas * chunks);
+        for (replica, r) in even_ranges(self.targets.len(), replicas).into_iter().enumerate() {
+            for c in even_ranges(r.len(), chunks) {
+                if c.is_empty() {
+                    continue;
+                }
+                let (start, n) = (r.start + c.start, c.len());
+                let inputs = ModelInputs {
+                    img: x.img.narrow(0, start, n)?,
+                    img_mini: x.img_mini.narrow(0, start, n)?,
+                    ref_expr_inds: x.ref_expr_inds.narrow(0, start, n)?,
+                    text_attention_mask: x.text_attention_mask.narrow(0, start, n)?,
+                };
+                parts.push(Part { replica, inputs, targets: &self.targets[start..start + n] });
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// `0..len` cut into `parts` consecutive ranges whose lengths differ by at most one (the longer
+/// ones first; some are empty when `len < parts`).
+fn even_ranges(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let (base, extra) = (len / parts, len % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let n = base + usize::from(i < extra);
+            start += n;
+            start - n..start
+        })
+        .collect()
 }
 
 impl TrainData {
@@ -97,8 +133,16 @@ impl TrainData {
             max_token: rt.max_token,
             nsc,
             augment,
+            objects: None,
             device: device.clone(),
         })
+    }
+
+    /// Gives every sample's image its objects (perception targets, [`Target::objects`]); an
+    /// image missing from `objects` has none.
+    pub fn with_objects(mut self, objects: HashMap<u64, Vec<ImageObject>>) -> Self {
+        self.objects = Some(objects);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -167,16 +211,23 @@ impl TrainData {
             .ok_or_else(|| Error::Input { name: sample.label.clone(), reason: "has no sentence".into() })?;
         let mut image = load_image(&sample.image_path).map_err(in_sample)?;
         let (h, w) = (image.h, image.w);
-        let mut masks: Vec<Vec<u8>> = Vec::with_capacity(sample.targets.len());
         let in_data = |reason: String| Error::Input { name: sample.label.clone(), reason };
         let s = self.hier_size as u32;
-        for rle in sample.target_masks(h as u32, w as u32).map_err(|e| in_data(e.to_string()))? {
-            masks.push(rle.resize_nearest(s, s).map_err(|e| in_data(e.to_string()))?.to_rowmajor());
-        }
+        let resized = |rles: Vec<deris_coco::Rle>| -> Result<Vec<Vec<u8>>> {
+            rles.iter().map(|rle| Ok(rle.resize_nearest(s, s).map_err(|e| in_data(e.to_string()))?.to_rowmajor())).collect()
+        };
+        let mut masks = resized(sample.target_masks(h as u32, w as u32).map_err(|e| in_data(e.to_string()))?)?;
+        let listed = self.objects.as_ref().map(|by_image| by_image.get(&sample.image_id).map_or(&[][..], Vec::as_slice));
+        let mut objects = match listed {
+            Some(listed) => Some(resized(sample.masks_of(listed.iter().map(|o| &o.target), h as u32, w as u32).map_err(|e| in_data(e.to_string()))?)?),
+            None => None,
+        };
+        // Category indices (COCO `category_id`; 0 where the file gives none).
+        let object_categories = listed.map_or_else(Vec::new, |l| l.iter().map(|o| o.category_id.unwrap_or(0) as u32).collect());
         let mut text = sentence.clone();
         if rng.next_f64() < self.augment.hflip {
             image = flip_image(&image)?;
-            for m in &mut masks {
+            for m in masks.iter_mut().chain(objects.iter_mut().flatten()) {
                 flip_rows(m, self.hier_size, 1);
             }
             text = swap_left_right(&text);
@@ -184,8 +235,11 @@ impl TrainData {
         let pre = preprocess(&image, self.hier_size, self.mini_size, &self.device).map_err(in_sample)?;
         let enc = self.tokenizer.encode(&text, self.max_token).map_err(in_sample)?;
         let s = self.hier_size;
-        let data: Vec<f32> = masks.iter().flat_map(|m| m.iter().map(|&v| f32::from(v))).collect();
-        let target = Target { masks: Tensor::from_vec(data, (masks.len(), s, s), &self.device)? };
+        let stack = |masks: &[Vec<u8>]| {
+            let data: Vec<f32> = masks.iter().flat_map(|m| m.iter().map(|&v| f32::from(v))).collect();
+            Tensor::from_vec(data, (masks.len(), s, s), &self.device)
+        };
+        let target = Target { masks: stack(&masks)?, objects: objects.as_deref().map(stack).transpose()?, object_categories };
         Ok((Item { img: pre.img, img_mini: pre.img_mini, ids: enc.ids, padding: enc.attention_mask, target }, outcome))
     }
 }
@@ -276,6 +330,14 @@ impl Drop for Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn even_ranges_cover_the_batch_in_order() {
+        assert_eq!(even_ranges(4, 2), [0..2, 2..4]);
+        assert_eq!(even_ranges(5, 2), [0..3, 3..5]);
+        assert_eq!(even_ranges(1, 2), [0..1, 1..1]);
+        assert_eq!(even_ranges(7, 3), [0..3, 3..5, 5..7]);
+    }
 
     #[test]
     fn flipping_swaps_sides_in_words() {

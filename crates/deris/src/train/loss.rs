@@ -17,8 +17,19 @@
 //! round `class_weight·cls + mask_weight·bce + dice_weight·dice`. The existence term (final
 //! round only) is `binary_cross_entropy(sigmoid(z), exists)` with PyTorch's log clamp at −100.
 //!
-//! The authors' box terms (L1, GIoU) have weight 0 in the released configs and are left out;
-//! so are the perception-branch logits, which no loss uses.
+//! The authors' box terms (L1, GIoU) have weight 0 in the released configs and are left out.
+//!
+//! The perception branch's class logits (`cls_embed`) enter no loss in the authors' training
+//! (their perception branch comes pretrained as a Mask2Former instance segmenter). With
+//! `perception_weight > 0` (not the reference; 0 by default) each round also gets Mask2Former's
+//! class-agnostic instance loss: the queries are matched to **every object** of the image
+//! ([`Target::objects`]) with the perception logits in place of the referring ones, and the same
+//! three terms (`loss_pcls`, `loss_pbce`, `loss_pdice`) are added with weight
+//! `perception_weight` (times the round's weight): perception learned from scratch alongside
+//! cognition. With `category_weight > 0` the queries matched to objects also name their object's
+//! category (`loss_pcat`: cross entropy of a training-only head's logits,
+//! [`super::categories`], summed over the matched queries and divided by the number of
+//! objects), Mask2Former's class loss.
 //!
 //! No keys (no parameters).
 
@@ -27,7 +38,7 @@ use std::collections::BTreeMap;
 use candle_core::{bail, DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::matcher::match_round;
+use super::matcher::{match_round, overlap_positives};
 use super::points::{point_sample, uncertain_points};
 use crate::data::rng::SplitMix64;
 use crate::nn::interpolate::resize_bilinear;
@@ -38,6 +49,12 @@ use crate::DerisOutput;
 pub struct Target {
     /// `[M, H, W]` f32 0/1 per-target masks at the perception input size; `M = 0` for no target.
     pub masks: Tensor,
+    /// `[K, H, W]` f32 0/1 masks of every object of the image (referred or not), for the
+    /// perception loss; `None` when the data lists no objects.
+    pub objects: Option<Tensor>,
+    /// COCO `category_id` of each object (parallel to `objects`; empty without an object list),
+    /// the labels of the category loss.
+    pub object_categories: Vec<u32>,
 }
 
 impl Target {
@@ -49,6 +66,11 @@ impl Target {
     /// Whether the sample has a target (the existence label).
     pub fn exists(&self) -> bool {
         self.num_targets() > 0
+    }
+
+    /// The number of objects `K` (0 without an object list).
+    pub fn num_objects(&self) -> usize {
+        self.objects.as_ref().and_then(|o| o.dims().first().copied()).unwrap_or(0)
     }
 }
 
@@ -83,6 +105,19 @@ pub struct LossConfig {
     pub match_mask_weight: f64,
     /// Matching cost weight of the point dice (5).
     pub match_dice_weight: f64,
+    /// Also label "referred" in the cross entropy every query whose mask overlaps a target with
+    /// at least this IoU, not only the Hungarian-matched one (`None`: the authors' one-to-one
+    /// labels). Inference takes the union of the selected queries' masks, so a second query on
+    /// a referent does no harm there; one-to-one labels instead teach two queries with the same
+    /// object opposite answers. The extra positives weigh 1 in the sum; the divisor stays that
+    /// of the one-to-one labels ([`Normalizers::class_weight_sum`]). Mask terms stay one-to-one.
+    pub positive_iou: Option<f64>,
+    /// Weight of the class-agnostic perception loss on every object (0: the authors' objective,
+    /// which has none; needs the samples' objects).
+    pub perception_weight: f64,
+    /// Weight of the category loss of the queries matched to objects (0: none; needs the
+    /// perception loss and a category head).
+    pub category_weight: f64,
 }
 
 impl Default for LossConfig {
@@ -100,6 +135,9 @@ impl Default for LossConfig {
             match_class_weight: 2.0,
             match_mask_weight: 5.0,
             match_dice_weight: 5.0,
+            positive_iou: None,
+            perception_weight: 0.0,
+            category_weight: 0.0,
         }
     }
 }
@@ -127,23 +165,26 @@ fn bce_with_logits(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     softplus(x)? - (x * y)?
 }
 
-/// One round's unweighted terms.
+/// One round's unweighted terms and its matching.
 struct RoundLosses {
     cls: Tensor,
     bce: Tensor,
     dice: Tensor,
+    pairs: Vec<Vec<(usize, usize)>>,
 }
 
 /// The referring cross entropy with class weights `[1, no_object_weight]`: `Σ w_y·(−log p_y)`
 /// over these queries divided by `norm` (PyTorch's weighted mean when `norm` is `Σ w_y` over
-/// the batch, [`Normalizers::class_weight_sum`]).
-fn refer_ce(refer_logits: &Tensor, pairs: &[Vec<(usize, usize)>], no_object_weight: f64, norm: f64) -> Result<Tensor> {
+/// the batch, [`Normalizers::class_weight_sum`]). Label 0 for the matched queries and, per
+/// image, the queries in `extra` (may be empty), label 1 for the rest.
+fn refer_ce(refer_logits: &Tensor, pairs: &[Vec<(usize, usize)>], extra: &[Vec<usize>], no_object_weight: f64, norm: f64) -> Result<Tensor> {
     let (b, n, c) = refer_logits.dims3()?;
     let mut weights = vec![0f32; b * n * c];
     for (i, image_pairs) in pairs.iter().enumerate() {
+        let extra = extra.get(i).map_or(&[][..], Vec::as_slice);
         for q in 0..n {
-            let matched = image_pairs.iter().any(|&(mq, _)| mq == q);
-            let (label, w) = if matched { (0, 1.0) } else { (1, no_object_weight) };
+            let referred = image_pairs.iter().any(|&(mq, _)| mq == q) || extra.contains(&q);
+            let (label, w) = if referred { (0, 1.0) } else { (1, no_object_weight) };
             weights[(i * n + q) * c + label] = w as f32;
         }
     }
@@ -195,19 +236,54 @@ fn mask_losses(
     Ok((bce, dice))
 }
 
-/// Matching and the three terms of one round.
+/// Matching and the three terms of one round; `positive_iou` as [`LossConfig::positive_iou`].
 fn round_losses(
     masks: &Tensor,
-    refer_logits: &Tensor,
+    logits: &Tensor,
     targets: &[Target],
     cfg: &LossConfig,
     norm: &Normalizers,
+    positive_iou: Option<f64>,
     rng: &mut SplitMix64,
 ) -> Result<RoundLosses> {
-    let pairs = match_round(masks, refer_logits, targets, cfg, rng)?;
-    let cls = refer_ce(refer_logits, &pairs, cfg.no_object_weight, norm.class_weight_sum)?;
+    let pairs = match_round(masks, logits, targets, cfg, rng)?;
+    let extra = match positive_iou {
+        Some(min_iou) => overlap_positives(masks, targets, min_iou)?,
+        None => Vec::new(),
+    };
+    let cls = refer_ce(logits, &pairs, &extra, cfg.no_object_weight, norm.class_weight_sum)?;
     let (bce, dice) = mask_losses(masks, targets, &pairs, cfg, norm.num_masks, rng)?;
-    Ok(RoundLosses { cls, bce, dice })
+    Ok(RoundLosses { cls, bce, dice, pairs })
+}
+
+/// Cross entropy of the category logits of the queries matched to objects, against their
+/// objects' categories, summed and divided by `num_objects`.
+///
+/// # Shapes
+/// - `logits`: `[B, N, C]`; `pairs[b]`: `(query, object)`; `categories[b][object]` in `0..C`
+fn category_ce(logits: &Tensor, pairs: &[Vec<(usize, usize)>], categories: &[&[u32]], num_objects: f64) -> Result<Tensor> {
+    let (b, n, c) = logits.dims3()?;
+    let (mut rows, mut one_hot) = (Vec::new(), Vec::new());
+    for (i, image_pairs) in pairs.iter().enumerate() {
+        for &(q, k) in image_pairs {
+            let Some(&label) = categories.get(i).and_then(|cats| cats.get(k)) else {
+                bail!("category loss: sample {i} has no category for object {k}");
+            };
+            if label as usize >= c {
+                bail!("category loss: sample {i} object {k} has category {label}, the head knows 0..{c}");
+            }
+            rows.push((i * n + q) as u32);
+            one_hot.extend((0..c).map(|j| if j == label as usize { 1f32 } else { 0.0 }));
+        }
+    }
+    let dev = logits.device();
+    if rows.is_empty() {
+        return Tensor::zeros((), DType::F32, dev);
+    }
+    let k = rows.len();
+    let picked = logits.reshape((b * n, c))?.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?; // [K, C]
+    let logp = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
+    (logp * Tensor::from_vec(one_hot, (k, c), dev)?)?.sum_all()?.neg()? / num_objects
 }
 
 /// `Σ_b BCE(sigmoid(z_b), exists_b) / samples` (the batch mean when `samples` is the batch
@@ -249,21 +325,41 @@ pub struct Normalizers {
     pub class_weight_sum: f64,
     /// Divisor of the summed existence BCE: the number of samples.
     pub samples: f64,
+    /// The perception loss's `num_masks`: the samples' objects, at least 1 (per replica, as
+    /// `num_masks`).
+    pub num_objects: f64,
+    /// The perception loss's `class_weight_sum`, with objects in place of targets.
+    pub object_weight_sum: f64,
 }
 
 impl Normalizers {
     /// The divisors of `targets` scored with `num_queries` queries per sample, the mask terms
-    /// divided by `num_masks`.
-    pub fn new(targets: &[Target], num_queries: usize, no_object_weight: f64, num_masks: f64) -> Self {
-        let matched: usize = targets.iter().map(|t| t.num_targets().min(num_queries)).sum();
+    /// divided by `num_masks` (and the perception mask terms by `num_objects`).
+    pub fn new(targets: &[Target], num_queries: usize, no_object_weight: f64, num_masks: f64, num_objects: f64) -> Self {
         let queries = targets.len() * num_queries;
-        Self { num_masks, class_weight_sum: matched as f64 + (queries - matched) as f64 * no_object_weight, samples: targets.len() as f64 }
+        let weight_sum = |matched: usize| matched as f64 + (queries - matched) as f64 * no_object_weight;
+        let matched: usize = targets.iter().map(|t| t.num_targets().min(num_queries)).sum();
+        let objects: usize = targets.iter().map(|t| t.num_objects().min(num_queries)).sum();
+        Self {
+            num_masks,
+            class_weight_sum: weight_sum(matched),
+            samples: targets.len() as f64,
+            num_objects,
+            object_weight_sum: weight_sum(objects),
+        }
     }
 
-    /// The divisors of a batch scored on its own: `num_masks = max(total targets, 1)`.
+    /// The divisors of a batch scored on its own: `num_masks = max(total targets, 1)`,
+    /// `num_objects = max(total objects, 1)`.
     pub fn of_batch(targets: &[Target], num_queries: usize, no_object_weight: f64) -> Self {
         let num_masks = targets.iter().map(Target::num_targets).sum::<usize>().max(1) as f64;
-        Self::new(targets, num_queries, no_object_weight, num_masks)
+        let num_objects = targets.iter().map(Target::num_objects).sum::<usize>().max(1) as f64;
+        Self::new(targets, num_queries, no_object_weight, num_masks, num_objects)
+    }
+
+    /// The divisors of the perception loss: objects in place of targets.
+    fn perception(&self) -> Self {
+        Self { num_masks: self.num_objects, class_weight_sum: self.object_weight_sum, ..*self }
     }
 }
 
@@ -277,12 +373,22 @@ impl Normalizers {
 /// - `targets`: `B` samples, masks `[M_b, H', W']`
 pub fn deris_loss(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, rng: &mut SplitMix64) -> Result<LossOutput> {
     let norm = Normalizers::of_batch(targets, out.pred_refer_logits.dim(1)?, cfg.no_object_weight);
-    deris_loss_part(out, targets, cfg, &norm, rng)
+    deris_loss_part(out, targets, cfg, &norm, &[], rng)
 }
 
 /// [`deris_loss`] of some of the samples that share the divisors `norm` (a chunk of a batch, or
 /// a data-parallel replica): every term is summed over these samples and divided by `norm`.
-pub fn deris_loss_part(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, norm: &Normalizers, rng: &mut SplitMix64) -> Result<LossOutput> {
+/// `category_logits`: the category head's logits per round, final first
+/// ([`super::categories::CategoryHead::logits`]); needed when `cfg.category_weight > 0`, else
+/// ignored (may be empty).
+pub fn deris_loss_part(
+    out: &DerisOutput,
+    targets: &[Target],
+    cfg: &LossConfig,
+    norm: &Normalizers,
+    category_logits: &[Tensor],
+    rng: &mut SplitMix64,
+) -> Result<LossOutput> {
     let (b, _, h, w) = out.pred_masks.dims4()?;
     if targets.len() != b {
         bail!("deris_loss: {} targets for a batch of {b}", targets.len());
@@ -292,27 +398,65 @@ pub fn deris_loss_part(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, 
             bail!("deris_loss: target {i} masks must be [M, H, W], got {:?}", t.masks.dims());
         }
     }
+    let perception = if cfg.perception_weight > 0.0 {
+        let objects = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match &t.objects {
+                Some(o) if o.rank() == 3 => Ok(Target { masks: o.clone(), objects: None, object_categories: Vec::new() }),
+                Some(o) => bail!("deris_loss: target {i} objects must be [K, H, W], got {:?}", o.dims()),
+                None => bail!("deris_loss: perception_weight > 0 needs every sample's objects (training data.objects); sample {i} has none"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some((objects, norm.perception()))
+    } else {
+        None
+    };
+    let categories = if cfg.category_weight > 0.0 {
+        if perception.is_none() || category_logits.len() != out.aux.len() + 1 {
+            bail!("deris_loss: category_weight > 0 needs perception_weight > 0 and category logits for all {} rounds", out.aux.len() + 1);
+        }
+        Some(targets.iter().map(|t| t.object_categories.as_slice()).collect::<Vec<_>>())
+    } else {
+        None
+    };
     let mut terms = BTreeMap::new();
 
     let weighted = |r: &RoundLosses| -> Result<Tensor> {
         ((&r.cls * cfg.class_weight)? + (&r.bce * cfg.mask_weight)?)? + (&r.dice * cfg.dice_weight)?
     };
-    let mut record = |r: &RoundLosses, suffix: &str| -> Result<()> {
-        terms.insert(format!("loss_cls{suffix}"), scalar(&r.cls)?);
-        terms.insert(format!("loss_bce{suffix}"), scalar(&r.bce)?);
-        terms.insert(format!("loss_dice{suffix}"), scalar(&r.dice)?);
+    let mut record = |r: &RoundLosses, prefix: &str, suffix: &str| -> Result<()> {
+        terms.insert(format!("loss_{prefix}cls{suffix}"), scalar(&r.cls)?);
+        terms.insert(format!("loss_{prefix}bce{suffix}"), scalar(&r.bce)?);
+        terms.insert(format!("loss_{prefix}dice{suffix}"), scalar(&r.dice)?);
         Ok(())
     };
 
-    let last = round_losses(&out.pred_masks, &out.pred_refer_logits, targets, cfg, norm, rng)?;
-    record(&last, "")?;
-    let mut total = weighted(&last)?;
+    // Rounds: the final one (weight 1), then the auxiliary ones (`aux_weight`); per round the
+    // referring terms, then the perception terms.
+    let mut rounds = vec![(out.pred_masks.clone(), &out.pred_refer_logits, &out.pred_logits_perception, String::new(), 1.0)];
     for (r, aux) in out.aux.iter().enumerate() {
         let masks = resize_bilinear(&aux.pred_masks_lowres, h, w, true)?; // [B, N, H, W]
-        let round = round_losses(&masks, &aux.pred_refer_logits, targets, cfg, norm, rng)?;
-        record(&round, &format!("_{r}"))?;
-        total = (total + (weighted(&round)? * cfg.aux_weight)?)?;
+        rounds.push((masks, &aux.pred_refer_logits, &aux.pred_logits, format!("_{r}"), cfg.aux_weight));
     }
+    let mut total = Tensor::zeros((), DType::F32, out.pred_masks.device())?;
+    let mut category_terms = Vec::new();
+    for (r, (masks, refer_logits, perception_logits, suffix, round_weight)) in rounds.iter().enumerate() {
+        let refer = round_losses(masks, refer_logits, targets, cfg, norm, cfg.positive_iou, rng)?;
+        record(&refer, "", suffix)?;
+        total = (total + (weighted(&refer)? * *round_weight)?)?;
+        if let Some((objects, pnorm)) = &perception {
+            let p = round_losses(masks, perception_logits, objects, cfg, pnorm, None, rng)?;
+            record(&p, "p", suffix)?;
+            total = (total + (weighted(&p)? * (round_weight * cfg.perception_weight))?)?;
+            if let Some(categories) = &categories {
+                let cat = category_ce(&category_logits[r], &p.pairs, categories, pnorm.num_masks)?;
+                category_terms.push((format!("loss_pcat{suffix}"), scalar(&cat)?));
+                total = (total + (cat * (round_weight * cfg.category_weight))?)?;
+            }
+        }
+    }
+    terms.extend(category_terms);
     let exist = existence_loss(&out.pred_existence, targets, norm.samples)?;
     terms.insert("loss_exist".to_string(), scalar(&exist)?);
     let total = (total + (exist * cfg.existence_weight)?)?;

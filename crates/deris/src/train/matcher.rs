@@ -97,6 +97,37 @@ pub fn match_round(
     Ok(out)
 }
 
+/// Per image, the queries whose binary mask (logit > 0) overlaps some target (value > 0.5) with
+/// IoU ≥ `min_iou`, in query order: the extra "referred" labels of
+/// [`LossConfig::positive_iou`]. Exact on the whole grid, without gradient.
+///
+/// # Shapes
+/// - `masks`: `[B, N, H, W]` mask logits; `targets[b].masks`: `[M_b, H, W]` (the same `H × W`)
+pub fn overlap_positives(masks: &Tensor, targets: &[Target], min_iou: f64) -> Result<Vec<Vec<usize>>> {
+    let (b, n, h, w) = masks.dims4()?;
+    if targets.len() != b {
+        bail!("overlap_positives: {} targets for a batch of {b}", targets.len());
+    }
+    let mut out = Vec::with_capacity(b);
+    for (i, target) in targets.iter().enumerate() {
+        if target.num_targets() == 0 {
+            out.push(Vec::new());
+            continue;
+        }
+        if target.masks.dims()[1..] != [h, w] {
+            bail!("overlap_positives: target {i} masks are {:?}, the predicted masks {h}×{w}", target.masks.dims());
+        }
+        let pred: Vec<Vec<bool>> = masks.get(i)?.detach().to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?.into_iter().map(|q| q.into_iter().map(|v| v > 0.0).collect()).collect();
+        let tgt: Vec<Vec<bool>> = target.masks.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?.into_iter().map(|t| t.into_iter().map(|v| v > 0.5).collect()).collect();
+        let iou = |a: &[bool], t: &[bool]| {
+            let (inter, union) = a.iter().zip(t).fold((0usize, 0usize), |(i, u), (&x, &y)| (i + usize::from(x && y), u + usize::from(x || y)));
+            if union == 0 { 0.0 } else { inter as f64 / union as f64 }
+        };
+        out.push((0..n).filter(|&q| tgt.iter().any(|t| iou(&pred[q], t) >= min_iou)).collect());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,7 +237,7 @@ impl TrainableWeights {
 }
 
 /// One tensor of [`TrainableWeights::init`] (see its rules).
-fn init_tensor(name: &str, shape: &[usize], dtype: DType, seed: u64, device: &Device) -> crate::Result<Tensor> {
+pub(crate) fn init_tensor(name: &str, shape: &[usize], dtype: DType, seed: u64, device: &Device) -> crate::Result<Tensor> {
     if dtype.is_int() {
         if name.ends_with(".relative_position_index") {
             let n = shape.first().copied().unwrap_or(0);

@@ -5,7 +5,10 @@
 //!   [`crate::checkpoint::Checkpoint::open`] and `deris segment --weights` read),
 //! - `optimizer.safetensors`: Adam's moments ([`Adam::state`] names) and `optimizer.json`: the
 //!   per-parameter step counts,
-//! - `trainer.json`: [`TrainerState`].
+//! - `trainer.json`: [`TrainerState`],
+//! - `training_heads.safetensors`, when the run has training-only parameters (keys under
+//!   `train.`, e.g. [`super::categories`]): kept out of `model.safetensors` so that it stays a
+//!   model checkpoint; read back into the weights on resume.
 //!
 //! A checkpoint is written into a hidden temporary directory inside `DIR` and renamed into place,
 //! then `DIR/latest` (a text file with the directory's name) is replaced by a rename: a crash
@@ -24,6 +27,9 @@ use crate::error::{Error, Result};
 
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optimizer.safetensors";
+const TRAINING_FILE: &str = "training_heads.safetensors";
+/// Key prefix of the training-only parameters.
+const TRAINING_PREFIX: &str = "train.";
 const OPTIM_STEPS_FILE: &str = "optimizer.json";
 const TRAINER_FILE: &str = "trainer.json";
 const LATEST_FILE: &str = "latest";
@@ -144,7 +150,13 @@ pub fn save_checkpoint(
 }
 
 fn write_contents(dir: &Path, weights: &BTreeMap<String, Tensor>, optim: &Adam, state: &TrainerState) -> Result<()> {
-    save_safetensors(weights, &dir.join(MODEL_FILE))?;
+    // The model's weights alone in MODEL_FILE (loadable as a model); training-only ones beside.
+    let (training, model): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
+        weights.iter().map(|(k, v)| (k.clone(), v.clone())).partition(|(k, _)| k.starts_with(TRAINING_PREFIX));
+    save_safetensors(&model, &dir.join(MODEL_FILE))?;
+    if !training.is_empty() {
+        save_safetensors(&training, &dir.join(TRAINING_FILE))?;
+    }
     let (tensors, steps) = optim.state();
     save_safetensors(&tensors, &dir.join(OPTIM_FILE))?;
     let steps_path = dir.join(OPTIM_STEPS_FILE);
@@ -194,7 +206,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedCheckpoint>
         return Err(ckpt_err(&step_dir, "the checkpoint directory named by 'latest' does not exist"));
     }
 
-    let weights = Checkpoint::open(&step_dir.join(MODEL_FILE))?.load_all(device)?;
+    let mut weights = Checkpoint::open(&step_dir.join(MODEL_FILE))?.load_all(device)?;
+    let training = step_dir.join(TRAINING_FILE);
+    if training.exists() {
+        weights.extend(Checkpoint::open(&training)?.load_all(device)?);
+    }
     let optim_path = step_dir.join(OPTIM_FILE);
     let optim_tensors = candle_core::safetensors::load(&optim_path, device)
         .map_err(|e| ckpt_err(&optim_path, e.to_string()))?

@@ -17,8 +17,9 @@ use rayon::prelude::*;
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
+use super::categories::CategoryHead;
 use super::config::TrainConfig;
-use super::data::{Batch, Prefetcher, TrainData};
+use super::data::{Batch, Part, Prefetcher, TrainData};
 use super::loss::{deris_loss_part, LossConfig, Normalizers, Target};
 use super::optim::Adam;
 use super::params::{Group, TrainableWeights};
@@ -26,6 +27,7 @@ use super::state::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainerS
 use crate::config::{BatchCoupling, DerisConfig};
 use crate::data::nsc::{Nsc, NscBank, NscConfig, NscStats};
 use crate::data::rng::SplitMix64;
+use crate::data::readers::coco::Instances;
 use crate::data::{AnnotationSource, Layout, Split};
 use crate::error::{Error, Result};
 use crate::eval::protocol::{evaluate, EvalOptions, Task};
@@ -99,6 +101,8 @@ pub struct Trainer {
     model_cfg: DerisConfig,
     out_dir: PathBuf,
     weights: TrainableWeights,
+    /// The training-only category head (`loss.category_weight > 0`).
+    categories: Option<CategoryHead>,
     optim: Adam,
     data: Arc<TrainData>,
     val: Option<Split>,
@@ -151,7 +155,21 @@ impl Trainer {
         } else {
             None
         };
-        let data = Arc::new(TrainData::new(samples, tokenizer.clone(), &model_cfg, nsc, cfg.augment, device)?);
+        let mut data = TrainData::new(samples, tokenizer.clone(), &model_cfg, nsc, cfg.augment, device)?;
+        // Categories 0..=the largest category_id of the object list.
+        let mut num_categories = 0;
+        if let Some(path) = &cfg.data.objects {
+            let instances = Instances::load(path).map_err(|e| data_error("data.objects", e))?;
+            let objects = instances.objects_by_image().map_err(|e| data_error("data.objects", e))?;
+            num_categories = objects.values().flatten().filter_map(|o| o.category_id).max().map_or(0, |m| m as usize + 1);
+            data = data.with_objects(objects);
+        } else if cfg.loss.perception_weight > 0.0 {
+            return Err(Error::Config { field: "loss.perception_weight".into(), reason: "needs data.objects (a COCO instances.json listing every object)".into() });
+        }
+        if cfg.loss.category_weight > 0.0 && num_categories == 0 {
+            return Err(Error::Config { field: "loss.category_weight".into(), reason: "needs data.objects with category_id on its objects".into() });
+        }
+        let data = Arc::new(data);
 
         let freeze = cfg.freeze.clone();
         let frozen = frozen_rule(&freeze);
@@ -177,11 +195,34 @@ impl Trainer {
                 (w.to_tensors(), TrainerState { step: 0, epoch: 0, batch_in_epoch: 0, seed: cfg.seed, config, history: Vec::new() }, None)
             }
         };
+        let mut tensors = tensors;
+        let saved_head = CategoryHead::take_from(&mut tensors)?;
+        let categories = if cfg.loss.category_weight > 0.0 {
+            let head = match saved_head {
+                Some(h) => h,
+                None => CategoryHead::init(num_categories, model_cfg.predictor.hidden_dim, cfg.init.seed, device)?,
+            };
+            if head.num_categories() != num_categories {
+                return Err(Error::Config {
+                    field: "resume".into(),
+                    reason: format!("the checkpoint's category head has {} categories, data.objects {num_categories}", head.num_categories()),
+                });
+            }
+            Some(head)
+        } else {
+            None
+        };
         let weights = TrainableWeights::from_tensors(tensors, &frozen)?;
+        let head_vars = categories.iter().flat_map(|h| h.vars()).map(|(name, var)| (name.to_string(), var.clone()));
         let params = weights
             .trainable()
             .iter()
-            .map(|(name, var)| (name.clone(), var.clone(), lr_scale(&cfg, name)))
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .chain(head_vars)
+            .map(|(name, var)| {
+                let scale = lr_scale(&cfg, &name);
+                (name, var, scale)
+            })
             .collect();
         let mut optim = Adam::new(params, cfg.optimizer.clone())?;
         if let Some((tensors, steps)) = optim_state {
@@ -192,6 +233,7 @@ impl Trainer {
             model_cfg,
             out_dir: out_dir.to_path_buf(),
             weights,
+            categories,
             optim,
             data,
             val,
@@ -286,17 +328,19 @@ impl Trainer {
         let step = self.state.step + 1;
         let (replicas, chunks) = (self.cfg.replicas.max(1), self.cfg.chunks.max(1));
         let model = self.weights.build(&self.model_cfg)?;
-        // One part per chunk of each replica, replica by replica.
-        let parts = batch.split(replicas * chunks)?;
+        // One part per chunk of each replica, replica by replica (fewer in a short last batch).
+        let parts = batch.split(replicas, chunks)?;
+        // The replicas that have samples (all but in a last batch shorter than `replicas`).
+        let replicas = parts.iter().map(|p| p.replica + 1).max().unwrap_or(1);
         // §5.4: `num_masks` is all-reduced (summed) and divided by the number of GPUs.
-        let num_masks = (batch.targets.iter().map(Target::num_targets).sum::<usize>() as f64 / replicas as f64).max(1.0);
+        let per_gpu = |count: fn(&Target) -> usize| (batch.targets.iter().map(count).sum::<usize>() as f64 / replicas as f64).max(1.0);
+        let (num_masks, num_objects) = (per_gpu(Target::num_targets), per_gpu(Target::num_objects));
         let (queries, no_object) = (self.model_cfg.predictor.num_queries, self.cfg.loss.no_object_weight);
-        let per_replica = batch.targets.len() / replicas;
-        let norms: Vec<Normalizers> = batch.targets.chunks(per_replica).map(|t| Normalizers::new(t, queries, no_object, num_masks)).collect();
-        let (seed, coupling, loss_cfg) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss);
-        let run = |(p, (inputs, targets)): (usize, (ModelInputs, &[Target]))| {
+        let norms: Vec<Normalizers> = batch.replica_targets(replicas).iter().map(|t| Normalizers::new(t, queries, no_object, num_masks, num_objects)).collect();
+        let (seed, coupling, loss_cfg, head) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss, self.categories.as_ref());
+        let run = |(p, part): (usize, Part<'_>)| {
             let rng = SplitMix64::from_key(&[LOSS_STREAM, seed, step, p as u64]);
-            replica_step(&model, &inputs, targets, coupling, loss_cfg, &norms[p / chunks], rng)
+            replica_step(&model, head, &part.inputs, part.targets, coupling, loss_cfg, &norms[part.replica], rng)
         };
         let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = parts.into_par_iter().enumerate().map(run).collect();
         let mut done = Vec::with_capacity(replicas * chunks);
@@ -321,7 +365,8 @@ impl Trainer {
             }
         }
         let clock = Instant::now();
-        let vars = self.weights.trainable().values().map(|v| v.as_tensor().clone());
+        let head_vars = self.categories.iter().flat_map(|h| h.vars()).map(|(_, v)| v.as_tensor().clone());
+        let vars = self.weights.trainable().values().map(|v| v.as_tensor().clone()).chain(head_vars);
         let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), vars, replicas)?;
         let factor = self.cfg.schedule.factor(epoch as usize);
         // Adam checks the gradients (finite norm, shapes) before it updates anything.
@@ -364,7 +409,9 @@ impl Trainer {
 
     fn checkpoint(&self) -> Result<PathBuf> {
         let dir = self.out_dir.join("checkpoints");
-        let path = save_checkpoint(&dir, &self.weights.to_tensors(), &self.optim, &self.state)?;
+        let mut tensors = self.weights.to_tensors();
+        tensors.extend(self.categories.iter().flat_map(CategoryHead::tensors));
+        let path = save_checkpoint(&dir, &tensors, &self.optim, &self.state)?;
         prune_checkpoints(&dir, self.cfg.keep_checkpoints.max(1))?;
         Ok(path)
     }
@@ -425,6 +472,7 @@ impl From<candle_core::Error> for ReplicaError {
 /// Forward, loss and backward of one replica's samples.
 fn replica_step(
     model: &Deris,
+    categories: Option<&CategoryHead>,
     inputs: &ModelInputs,
     targets: &[Target],
     coupling: BatchCoupling,
@@ -450,7 +498,11 @@ fn replica_step(
             return Err(ReplicaError::Stop(format!("the model's {name} are not finite")));
         }
     }
-    let loss = deris_loss_part(&out, targets, cfg, norm, &mut rng)?;
+    let category_logits = match categories {
+        Some(head) => head.logits(&out)?,
+        None => Vec::new(),
+    };
+    let loss = deris_loss_part(&out, targets, cfg, norm, &category_logits, &mut rng)?;
     let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut timing.loss);
     if !value.is_finite() {

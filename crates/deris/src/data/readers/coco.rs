@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{annotation, parse_item, parse_json, read_text, truthy, SegmentationJson};
-use crate::data::{DataError, Result, Segmentation, Target};
+use crate::data::{DataError, ImageObject, Result, Segmentation, Target};
 
 /// An image entry.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,6 +32,8 @@ pub struct CocoAnnotation {
     pub bbox: Option<[f64; 4]>,
     #[serde(default)]
     iscrowd: Option<serde_json::Value>,
+    #[serde(default)]
+    pub category_id: Option<u64>,
 }
 
 impl CocoAnnotation {
@@ -86,6 +88,24 @@ impl Instances {
             }
         }
         Ok(Self { path: path.to_path_buf(), images, annotations })
+    }
+
+    /// Every non-crowd annotation with its category, grouped by image, in annotation-id order:
+    /// the objects of each image (training's perception targets). An annotation whose
+    /// segmentation cannot be read is an error naming it.
+    pub fn objects_by_image(&self) -> Result<HashMap<u64, Vec<ImageObject>>> {
+        let mut ids: Vec<&i64> = self.annotations.keys().collect();
+        ids.sort_unstable();
+        let mut out: HashMap<u64, Vec<ImageObject>> = HashMap::new();
+        for id in ids {
+            let a = &self.annotations[id];
+            if a.is_crowd() {
+                continue;
+            }
+            let target = a.to_target().map_err(|reason| annotation(&self.path, &format!("annotation {id}"), &reason))?;
+            out.entry(a.image_id).or_default().push(ImageObject { target, category_id: a.category_id });
+        }
+        Ok(out)
     }
 
     /// The image entry of a sample.

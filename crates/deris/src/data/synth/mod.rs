@@ -6,13 +6,17 @@
 //! DIR/images/COCO_train2014_<image id:012>.jpg   PNG data under COCO's names (decoders sniff it)
 //! DIR/grefs/instances.json                       {"train": [item], "val": [item]}
 //! DIR/grefs/train_dict.json                      the NSC bank: train sentences by image id
+//! DIR/coco/instances.json                        COCO instances: every object of every image
 //! ```
 //!
 //! Each image gets `sentences_per_image` items (one sentence each, like the DeRIS file). An item's
 //! kind is drawn before its scene is known: single target with probability 0.55, several 0.30, none
 //! 0.15 (gRefCOCO-like); an image whose scene cannot give one of its drawn kinds is redrawn.
 //! Targets carry their COCO polygon, which is exactly what the picture paints. Items also carry
-//! `kind` and `family` (ignored by readers) for per-family analysis.
+//! `kind` and `family` (ignored by readers) for per-family analysis. The COCO file lists every
+//! object (referred or not) under the same annotation ids, as COCO's `instances.json` does for
+//! gRefCOCO: training's optional perception targets (`data.objects`). An object's category is
+//! its kind, one of 48 (size, colour, shape): "big red circle" ([`scene::categories`]).
 //!
 //! Everything is a function of the seed: an image's scene and sentences come from its own random
 //! stream `(seed, image id)`, so the same seed writes byte-identical files, and images are made in
@@ -171,6 +175,8 @@ pub struct SynthDataset {
     pub image_root: PathBuf,
     /// The NSC bank.
     pub train_dict: PathBuf,
+    /// COCO `instances.json` with every object of every image.
+    pub objects: PathBuf,
     pub train: SplitCounts,
     pub val: SplitCounts,
 }
@@ -216,7 +222,12 @@ pub fn write(dir: &Path, cfg: &SynthConfig) -> Result<SynthDataset, SynthError> 
     let train_dict = grefs.join("train_dict.json");
     write_atomic(&train_dict, Value::Object(bank).to_string().as_bytes())?;
 
-    Ok(SynthDataset { annotations, image_root, train_dict, train: counts(train), val: counts(val) })
+    let coco = dir.join("coco");
+    std::fs::create_dir_all(&coco).map_err(|e| io_error(&coco, e))?;
+    let objects = coco.join("instances.json");
+    write_atomic(&objects, coco_instances(&images).to_string().as_bytes())?;
+
+    Ok(SynthDataset { annotations, image_root, train_dict, objects, train: counts(train), val: counts(val) })
 }
 
 /// Running ids: annotation ids per object, ref and sentence ids per item (all from 1).
@@ -245,7 +256,7 @@ fn items(images: &[SynthImage], counter: &mut Counter) -> (Vec<Value>, Vec<Vec<V
                     .filter_map(|&t| img.scene.objects.get(t).map(|o| (t, o)))
                     .map(|(t, o)| {
                         json!({"id": first_ann + t as i64, "bbox": o.bbox(), "segmentation": [o.polygon], "iscrowd": 0,
-                               "category_id": o.shape.category_id(), "bbox_mode": 1, "empty": false})
+                               "category_id": o.category_id(), "bbox_mode": 1, "empty": false})
                     })
                     .collect()
             };
@@ -256,6 +267,26 @@ fn items(images: &[SynthImage], counter: &mut Counter) -> (Vec<Value>, Vec<Vec<V
         per_image.push(sentences);
     }
     (items, per_image)
+}
+
+/// COCO `instances.json` of all the images: `images`, every object as an annotation (the ids
+/// [`items`] gives them: numbered from 1 in image order), `categories` (the shapes).
+fn coco_instances(images: &[SynthImage]) -> Value {
+    let mut ann = 0i64;
+    let mut annotations = Vec::new();
+    for img in images {
+        for o in &img.scene.objects {
+            ann += 1;
+            annotations.push(json!({"id": ann, "image_id": img.image_id, "category_id": o.category_id(), "segmentation": [o.polygon],
+                                    "area": o.polygon_area(), "bbox": o.bbox(), "iscrowd": 0}));
+        }
+    }
+    let image_entries: Vec<Value> = images
+        .iter()
+        .map(|img| json!({"id": img.image_id, "file_name": coco_train2014_name(img.image_id), "height": img.scene.size, "width": img.scene.size}))
+        .collect();
+    let categories: Vec<Value> = scene::categories().into_iter().map(|(id, name)| json!({"id": id, "name": name, "supercategory": "shape"})).collect();
+    json!({"images": image_entries, "annotations": annotations, "categories": categories})
 }
 
 fn counts(images: &[SynthImage]) -> SplitCounts {

@@ -9,7 +9,7 @@ use image::{Rgb, RgbImage};
 
 use crate::data::rng::SplitMix64;
 
-/// The shapes, in `category_id` order (1-based).
+/// The shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ShapeKind {
     Circle,
@@ -28,11 +28,6 @@ impl ShapeKind {
             Self::Triangle => "triangle",
             Self::Star => "star",
         }
-    }
-
-    /// COCO `category_id`.
-    pub fn category_id(self) -> u32 {
-        self as u32 + 1
     }
 
     /// `(radius, angle offset)` of each vertex, in units of the object's radius. The polygons have
@@ -131,6 +126,13 @@ pub struct Object {
 }
 
 impl Object {
+    /// COCO `category_id` of its kind: one category per (size, colour, shape), numbered from 1
+    /// in that order ([`categories`]).
+    pub fn category_id(&self) -> u32 {
+        let (size, colour, shape) = (self.size as u32, self.colour as u32, self.shape as u32);
+        1 + (size * Colour::ALL.len() as u32 + colour) * ShapeKind::ALL.len() as u32 + shape
+    }
+
     /// The area of the polygon (shoelace), in pixels².
     pub fn polygon_area(&self) -> f64 {
         let p = &self.polygon;
@@ -239,4 +241,17 @@ impl Scene {
         }
         Ok(img)
     }
+}
+
+/// The COCO categories of the synthetic objects, `(id, name)` ("big red circle"), in id order.
+pub fn categories() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for size in SizeClass::ALL {
+        for colour in Colour::ALL {
+            for shape in ShapeKind::ALL {
+                out.push((out.len() as u32 + 1, format!("{} {} {}", size.name(), colour.name(), shape.name())));
+            }
+        }
+    }
+    out
 }
