@@ -106,8 +106,11 @@ impl Batch {
 }
 
 /// `0..len` cut into `parts` consecutive ranges whose lengths differ by at most one (the longer
-/// ones first; some are empty when `len < parts`).
+/// ones first; some are empty when `len < parts`; none when `parts` is 0).
 fn even_ranges(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    if parts == 0 {
+        return Vec::new();
+    }
     let (base, extra) = (len / parts, len % parts);
     let mut start = 0;
     (0..parts)
@@ -337,6 +340,7 @@ mod tests {
         assert_eq!(even_ranges(5, 2), [0..3, 3..5]);
         assert_eq!(even_ranges(1, 2), [0..1, 1..1]);
         assert_eq!(even_ranges(7, 3), [0..3, 3..5, 5..7]);
+        assert!(even_ranges(3, 0).is_empty());
     }
 
     #[test]
