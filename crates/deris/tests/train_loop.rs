@@ -34,6 +34,14 @@ fn dataset(dir: &Path) {
     synth::write(dir, &SynthConfig { seed: 1, train_images: 4, val_images: 2, size: 64, sentences_per_image: 2, ..Default::default() }).unwrap();
 }
 
+/// A run of `cfg(head)` steps, then the same run resumed from its checkpoints up to
+/// `cfg(total)` steps: the losses of both parts, in order.
+fn interrupted(cfg: impl Fn(u64) -> TrainConfig, out: &Path, head: u64, total: u64) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+    let first = losses(cfg(head), out, None);
+    let rest = losses(cfg(total), out, Some(&out.join("checkpoints")));
+    (first, rest)
+}
+
 /// Runs a config and returns the losses per step.
 fn losses(cfg: TrainConfig, out: &Path, resume: Option<&Path>) -> Vec<(u64, f64)> {
     let mut trainer = Trainer::new(cfg, out, resume, &Device::Cpu).unwrap();
@@ -79,10 +87,8 @@ fn resume_continues_exactly() {
     let data = tmp.path().join("data");
     dataset(&data);
     let whole = losses(config(&data, 8), &tmp.path().join("whole"), None);
-    let split = tmp.path().join("split");
-    let first = losses(config(&data, 5), &split, None);
     // checkpoints at steps 3 and 5 (the end); resume from the run's latest
-    let rest = losses(config(&data, 8), &split, Some(&split.join("checkpoints")));
+    let (first, rest) = interrupted(|steps| config(&data, steps), &tmp.path().join("split"), 5, 8);
     assert_eq!(first.len(), 5);
     assert_eq!(rest.first().map(|p| p.0), Some(6));
     let joined: Vec<(u64, f64)> = first.into_iter().chain(rest).collect();
@@ -118,9 +124,7 @@ fn replicas_and_chunks_train_deterministically() {
     let mean = |s: &[(u64, f64)]| s.iter().map(|p| p.1).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&whole[..6]), mean(&whole[18..]));
     assert!(last < 0.85 * first, "the loss did not fall with 2 replicas × 2 chunks: {first:.3} → {last:.3}");
-    let split = tmp.path().join("split");
-    let head = losses(parallel(5), &split, None);
-    let rest = losses(parallel(24), &split, Some(&split.join("checkpoints")));
+    let (head, rest) = interrupted(parallel, &tmp.path().join("split"), 5, 24);
     let joined: Vec<(u64, f64)> = head.into_iter().chain(rest).collect();
     assert_eq!(joined, whole, "a 2-replica, 2-chunk run is not reproducible");
 
@@ -209,8 +213,7 @@ fn perception_loss_on_every_object_trains_and_resumes() {
     let (first, last) = (mean(&whole[..6]), mean(&whole[18..]));
     assert!(last < 0.85 * first, "the loss did not fall with the perception terms: {first:.3} → {last:.3}");
     let split = tmp.path().join("split");
-    let head = losses(with_objects(7), &split, None);
-    let rest = losses(with_objects(24), &split, Some(&split.join("checkpoints")));
+    let (head, rest) = interrupted(with_objects, &split, 7, 24);
     assert_eq!(head.into_iter().chain(rest).collect::<Vec<_>>(), whole, "a run with the perception terms is not reproducible");
     // the category head is checkpointed (for the resume above) but not exported with the model
     let keys = |p: &Path| deris::checkpoint::Checkpoint::open(p).unwrap().names().filter(|k| k.starts_with("train.")).count();

@@ -173,7 +173,7 @@ impl Trainer {
 
         let freeze = cfg.freeze.clone();
         let frozen = frozen_rule(&freeze);
-        let (tensors, state, optim_state) = match resume {
+        let (mut tensors, state, optim_state) = match resume {
             Some(path) => {
                 let ck = load_checkpoint(path, device)?;
                 let saved: TrainConfig = serde_json::from_value(ck.state.config.clone())
@@ -195,7 +195,6 @@ impl Trainer {
                 (w.to_tensors(), TrainerState { step: 0, epoch: 0, batch_in_epoch: 0, seed: cfg.seed, config, history: Vec::new() }, None)
             }
         };
-        let mut tensors = tensors;
         let saved_head = CategoryHead::take_from(&mut tensors)?;
         let categories = if cfg.loss.category_weight > 0.0 {
             let head = match saved_head {

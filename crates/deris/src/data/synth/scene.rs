@@ -129,8 +129,7 @@ impl Object {
     /// COCO `category_id` of its kind: one category per (size, colour, shape), numbered from 1
     /// in that order ([`categories`]).
     pub fn category_id(&self) -> u32 {
-        let (size, colour, shape) = (self.size as u32, self.colour as u32, self.shape as u32);
-        1 + (size * Colour::ALL.len() as u32 + colour) * ShapeKind::ALL.len() as u32 + shape
+        kind_id(self.size, self.colour, self.shape)
     }
 
     /// The area of the polygon (shoelace), in pixels².
@@ -249,9 +248,14 @@ pub fn categories() -> Vec<(u32, String)> {
     for size in SizeClass::ALL {
         for colour in Colour::ALL {
             for shape in ShapeKind::ALL {
-                out.push((out.len() as u32 + 1, format!("{} {} {}", size.name(), colour.name(), shape.name())));
+                out.push((kind_id(size, colour, shape), format!("{} {} {}", size.name(), colour.name(), shape.name())));
             }
         }
     }
     out
+}
+
+/// The category id of a kind: 1 + its index in (size, colour, shape) order.
+fn kind_id(size: SizeClass, colour: Colour, shape: ShapeKind) -> u32 {
+    1 + (size as u32 * Colour::ALL.len() as u32 + colour as u32) * ShapeKind::ALL.len() as u32 + shape as u32
 }
