@@ -120,9 +120,10 @@ fn the_embedded_model_segments_synthetic_scenes() {
     let m = &report["metrics"];
     println!("embedded model on 120 fresh sentences: {m}");
     // Random weights answer "no target" everywhere (gIoU = the no-target share, about 14%, cIoU
-    // near 0); the embedded model scored gIoU 32–34, cIoU 32–36 on held-out scenes.
-    assert!(m["gIoU"].as_f64().unwrap() > 22.0, "{m}");
-    assert!(m["cIoU"].as_f64().unwrap() > 22.0, "{m}");
+    // near 0); the embedded model scores gIoU 45.8, cIoU 44.1, N-acc 53.8 on these scenes (the
+    // earlier embedded model, trained with the authors' objective alone: 33.8, 32.4, 53.8).
+    assert!(m["gIoU"].as_f64().unwrap() > 38.0, "{m}");
+    assert!(m["cIoU"].as_f64().unwrap() > 36.0, "{m}");
     assert!(m["N-acc"].as_f64().unwrap() > 40.0, "{m}");
 }
 

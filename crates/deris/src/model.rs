@@ -47,6 +47,9 @@ pub struct DerisOutput {
     /// `[B, N, d]` final round's `decoder_norm` of the decoder queries (the heads' input; training's
     /// category head reads it).
     pub query_norm: Tensor,
+    /// `[B, L, d]` text features of the cognition pre-pass (`text_embed` of BEiT-3's text
+    /// tokens; training's word head reads them).
+    pub text_feat: Tensor,
     /// Rounds before the last (training's auxiliary outputs).
     pub aux: Vec<RoundOutput>,
 }
@@ -172,6 +175,7 @@ impl Deris {
             pred_existence: post.pred_existence,
             query_feat: perc.query_feat,
             query_norm: perc.query_norm,
+            text_feat: pre.text_feat,
             aux: perc.aux,
         })
     }

@@ -202,10 +202,11 @@ fn perception_loss_on_every_object_trains_and_resumes() {
         cfg.loss.perception_weight = 1.0;
         cfg.loss.positive_iou = Some(0.5);
         cfg.loss.category_weight = 1.0;
+        cfg.loss.word_weight = 1.0;
         cfg
     };
     let terms = first_terms(with_objects(1), &tmp.path().join("first"));
-    for name in ["loss_pcls", "loss_pbce", "loss_pdice", "loss_pcls_0", "loss_pdice_2", "loss_pcat", "loss_pcat_2"] {
+    for name in ["loss_pcls", "loss_pbce", "loss_pdice", "loss_pcls_0", "loss_pdice_2", "loss_pcat", "loss_pcat_2", "loss_word"] {
         assert!(terms[name].is_finite() && terms[name] > 0.0, "{name}: {:?}", terms.get(name));
     }
     let whole = losses(with_objects(24), &tmp.path().join("whole"), None);
@@ -215,11 +216,11 @@ fn perception_loss_on_every_object_trains_and_resumes() {
     let split = tmp.path().join("split");
     let (head, rest) = interrupted(with_objects, &split, 7, 24);
     assert_eq!(head.into_iter().chain(rest).collect::<Vec<_>>(), whole, "a run with the perception terms is not reproducible");
-    // the category head is checkpointed (for the resume above) but not exported with the model
+    // the category and word heads are checkpointed (for the resume above) but not exported with the model
     let keys = |p: &Path| deris::checkpoint::Checkpoint::open(p).unwrap().names().filter(|k| k.starts_with("train.")).count();
     let latest = std::fs::read_to_string(split.join("checkpoints/latest")).unwrap();
     let step_dir = split.join("checkpoints").join(latest.trim());
-    assert_eq!(keys(&step_dir.join("training_heads.safetensors")), 2);
+    assert_eq!(keys(&step_dir.join("training_heads.safetensors")), 4);
     assert_eq!(keys(&step_dir.join("model.safetensors")), 0);
     assert_eq!(keys(&split.join("model/model.safetensors")), 0);
 
@@ -229,6 +230,9 @@ fn perception_loss_on_every_object_trains_and_resumes() {
     let mut bad = with_objects(1);
     bad.loss.perception_weight = 0.0;
     assert!(bad.validate().unwrap_err().to_string().contains("category_weight"));
+    let mut bad = with_objects(1);
+    bad.loss.word_weight = f64::NAN;
+    assert!(bad.validate().unwrap_err().to_string().contains("word_weight"));
     let mut no_list = with_objects(1);
     no_list.data.objects = None;
     let err = Trainer::new(no_list, &tmp.path().join("refused"), None, &Device::Cpu).err().expect("perception_weight without objects");

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use deris::data::rng::SplitMix64;
 use deris::loopback::RoundOutput;
-use deris::train::loss::{deris_loss, deris_loss_part, LossConfig, Normalizers, Target};
+use deris::train::loss::{deris_loss, deris_loss_part, word_loss, HeadOutputs, LossConfig, Normalizers, Target, WordLogits};
 use deris::train::matcher::{match_round, overlap_positives};
 use deris::train::points::uniform_points;
 use deris::DerisOutput;
@@ -194,6 +194,7 @@ fn output(final_masks: Tensor, refer: Tensor, existence: Tensor, aux: Vec<(Tenso
         pred_existence: existence,
         query_feat: zeros(8),
         query_norm: zeros(8),
+        text_feat: Tensor::zeros((b, 5, 8), DType::F32, &Device::Cpu).unwrap(),
         aux: aux
             .into_iter()
             .map(|(m, r)| RoundOutput { pred_masks_lowres: m, pred_boxes: zeros(4), pred_logits: zeros(2), pred_refer_logits: r, query_norm: zeros(8) })
@@ -405,6 +406,7 @@ fn sample_output(out: &DerisOutput, i: usize) -> DerisOutput {
         pred_existence: cut(&out.pred_existence),
         query_feat: cut(&out.query_feat),
         query_norm: cut(&out.query_norm),
+        text_feat: cut(&out.text_feat),
         aux: out
             .aux
             .iter()
@@ -431,7 +433,7 @@ fn chunks_scored_with_the_batch_divisors_add_up_to_the_batch_loss() {
     // no object lists: the perception divisors are those of zero objects
     assert_eq!(norm, Normalizers { num_masks: 2.0, class_weight_sum: 2.0 + 4.0 * 0.1, samples: 2.0, num_objects: 1.0, object_weight_sum: 6.0 * 0.1 });
     let parts: Vec<_> = (0..2)
-        .map(|i| deris_loss_part(&sample_output(&out, i), &targets[i..i + 1], &cfg, &norm, &[], &mut SplitMix64::new(3)).unwrap())
+        .map(|i| deris_loss_part(&sample_output(&out, i), &targets[i..i + 1], &cfg, &norm, &HeadOutputs::default(), &mut SplitMix64::new(3)).unwrap())
         .collect();
     for (name, want) in &whole.terms {
         let got: f64 = parts.iter().map(|p| p.terms[name]).sum();
@@ -566,13 +568,13 @@ fn category_terms_name_the_matched_objects_categories() {
 
     let cfg = LossConfig { perception_weight: 0.5, category_weight: 0.7, ..small_cfg() };
     let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
-    let rounds = [t(&logits[0]), t(&logits[1])];
+    let rounds = HeadOutputs { categories: vec![t(&logits[0]), t(&logits[1])], words: None };
     let with = deris_loss_part(&out, &targets, &cfg, &norm, &rounds, &mut SplitMix64::new(5)).unwrap();
     assert_term(&with.terms, "loss_pcat", want(&logits[0]));
     assert_term(&with.terms, "loss_pcat_0", want(&logits[1]));
     // the other terms are those of the same loss without categories, the total adds them
     let cfg0 = LossConfig { category_weight: 0.0, ..cfg.clone() };
-    let without = deris_loss_part(&out, &targets, &cfg0, &norm, &[], &mut SplitMix64::new(5)).unwrap();
+    let without = deris_loss_part(&out, &targets, &cfg0, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap();
     for (k, v) in &without.terms {
         if k != "total" {
             assert_eq!(with.terms[k], *v, "{k}");
@@ -585,6 +587,49 @@ fn category_terms_name_the_matched_objects_categories() {
     bad[1].object_categories = vec![4];
     let err = deris_loss_part(&out, &bad, &cfg, &norm, &rounds, &mut SplitMix64::new(5)).unwrap_err().to_string();
     assert!(err.contains("category 4"), "{err}");
-    let err = deris_loss_part(&out, &targets, &cfg, &norm, &rounds[..1], &mut SplitMix64::new(5)).unwrap_err().to_string();
+    let one_round = HeadOutputs { categories: rounds.categories[..1].to_vec(), words: None };
+    let err = deris_loss_part(&out, &targets, &cfg, &norm, &one_round, &mut SplitMix64::new(5)).unwrap_err().to_string();
     assert!(err.contains("category logits"), "{err}");
+}
+
+#[test]
+fn word_term_names_each_real_token() {
+    // Two sentences of 4 and 2 real tokens, padded to 5; a vocabulary of 3.
+    let logits: Vec<Vec<[f64; 3]>> = vec![
+        vec![[0.1, 1.2, -0.3], [0.7, 0.0, 0.4], [-1.0, 0.5, 2.0], [0.3, 0.3, 0.3], [9.0, -9.0, 0.0]],
+        vec![[1.0, -0.5, 0.2], [0.0, 0.8, -0.6], [5.0, 5.0, 5.0], [-2.0, 0.0, 1.0], [0.4, 0.1, 0.9]],
+    ];
+    let ids = [[0i64, 2, 1, 2, 1], [1, 0, 1, 1, 1]];
+    let padding = [[0i64, 0, 0, 0, 1], [0, 0, 1, 1, 1]];
+    let dev = Device::Cpu;
+    let flat: Vec<f32> = logits.iter().flatten().flatten().map(|&x| x as f32).collect();
+    let words = WordLogits {
+        logits: Tensor::from_vec(flat, (2, 5, 3), &dev).unwrap(),
+        ids: Tensor::from_vec(ids.concat(), (2, 5), &dev).unwrap(),
+        padding: Tensor::from_vec(padding.concat(), (2, 5), &dev).unwrap(),
+    };
+    let ce = |row: [f64; 3], label: i64| row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[label as usize];
+    let mean = |b: usize| {
+        let real: Vec<usize> = (0..5).filter(|&j| padding[b][j] == 0).collect();
+        real.iter().map(|&j| ce(logits[b][j], ids[b][j])).sum::<f64>() / real.len() as f64
+    };
+    let want = (mean(0) + mean(1)) / 4.0; // divided by 4 samples (a part of a batch of 4)
+    let got = word_loss(&words, 4.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() < 1e-5 * want, "word loss {got} vs {want}");
+
+    // in the whole loss: `loss_word`, added to the total with its weight; needed when weighted
+    let (out, targets) = batch_output(&batch());
+    let cfg = LossConfig { word_weight: 0.3, ..small_cfg() };
+    let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
+    let heads = HeadOutputs { categories: Vec::new(), words: Some(words.clone()) };
+    let with = deris_loss_part(&out, &targets, &cfg, &norm, &heads, &mut SplitMix64::new(5)).unwrap();
+    let without = deris_loss_part(&out, &targets, &small_cfg(), &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap();
+    let word = (mean(0) + mean(1)) / 2.0;
+    assert_term(&with.terms, "loss_word", word);
+    assert_term(&with.terms, "total", without.terms["total"] + 0.3 * word);
+    let err = deris_loss_part(&out, &targets, &cfg, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap_err().to_string();
+    assert!(err.contains("word head"), "{err}");
+    // an id outside the head's vocabulary is an error
+    let bad = WordLogits { ids: Tensor::from_vec(vec![0i64, 3, 1, 2, 1, 1, 0, 1, 1, 1], (2, 5), &dev).unwrap(), ..words };
+    assert!(word_loss(&bad, 2.0).unwrap_err().to_string().contains("id 3"));
 }

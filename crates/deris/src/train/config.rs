@@ -247,8 +247,10 @@ impl TrainConfig {
         if !(self.loss.perception_weight >= 0.0 && self.loss.perception_weight.is_finite()) {
             return bad("loss.perception_weight", "must be a non-negative number");
         }
-        if !(self.loss.category_weight >= 0.0 && self.loss.category_weight.is_finite()) {
-            return bad("loss.category_weight", "must be a non-negative number");
+        for (field, w) in [("loss.category_weight", self.loss.category_weight), ("loss.word_weight", self.loss.word_weight)] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return bad(field, "must be a non-negative number");
+            }
         }
         if self.loss.category_weight > 0.0 && self.loss.perception_weight <= 0.0 {
             return bad("loss.category_weight", "needs loss.perception_weight > 0 (its queries are the perception loss's matches)");

@@ -28,8 +28,11 @@
 //! `perception_weight` (times the round's weight): perception learned from scratch alongside
 //! cognition. With `category_weight > 0` the queries matched to objects also name their object's
 //! category (`loss_pcat`: cross entropy of a training-only head's logits,
-//! [`super::categories`], summed over the matched queries and divided by the number of
-//! objects), Mask2Former's class loss.
+//! [`super::heads`], summed over the matched queries and divided by the number of
+//! objects), Mask2Former's class loss. With `word_weight > 0` the text features name the ids of
+//! their tokens (`loss_word`: per sample the mean cross entropy of a training-only head's logits
+//! over the real tokens, summed and divided by the number of samples), so that a BEiT-3 trained
+//! from scratch keeps what its words were.
 //!
 //! No keys (no parameters).
 
@@ -118,6 +121,8 @@ pub struct LossConfig {
     /// Weight of the category loss of the queries matched to objects (0: none; needs the
     /// perception loss and a category head).
     pub category_weight: f64,
+    /// Weight of the word loss of the text features (0: none; needs a word head).
+    pub word_weight: f64,
 }
 
 impl Default for LossConfig {
@@ -138,6 +143,7 @@ impl Default for LossConfig {
             positive_iou: None,
             perception_weight: 0.0,
             category_weight: 0.0,
+            word_weight: 0.0,
         }
     }
 }
@@ -373,20 +379,73 @@ impl Normalizers {
 /// - `targets`: `B` samples, masks `[M_b, H', W']`
 pub fn deris_loss(out: &DerisOutput, targets: &[Target], cfg: &LossConfig, rng: &mut SplitMix64) -> Result<LossOutput> {
     let norm = Normalizers::of_batch(targets, out.pred_refer_logits.dim(1)?, cfg.no_object_weight);
-    deris_loss_part(out, targets, cfg, &norm, &[], rng)
+    deris_loss_part(out, targets, cfg, &norm, &HeadOutputs::default(), rng)
+}
+
+/// What the training-only heads ([`super::heads`]) said about a forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct HeadOutputs {
+    /// The category head's logits per round, final first
+    /// ([`super::heads::LinearHead::round_logits`]), `[B, N, C]` each; needed when
+    /// `category_weight > 0`.
+    pub categories: Vec<Tensor>,
+    /// The word head's logits on the text features; needed when `word_weight > 0`.
+    pub words: Option<WordLogits>,
+}
+
+/// The word head's logits with the tokens they should name.
+#[derive(Debug, Clone)]
+pub struct WordLogits {
+    /// `[B, L, V]`
+    pub logits: Tensor,
+    /// `[B, L]` token ids (the model's `ref_expr_inds`).
+    pub ids: Tensor,
+    /// `[B, L]` padding mask, 1 = padding (the model's `text_attention_mask`).
+    pub padding: Tensor,
+}
+
+/// `Σ_b mean_{real j} −log softmax(logits[b, j])[ids[b, j]] / samples`: each sample's mean cross
+/// entropy over its real (unpadded) tokens, summed over the samples and divided by `samples`
+/// (the batch mean when it is the batch size).
+pub fn word_loss(words: &WordLogits, samples: f64) -> Result<Tensor> {
+    let (b, l, v) = words.logits.dims3()?;
+    if words.ids.dims() != [b, l] || words.padding.dims() != [b, l] {
+        bail!("word loss: logits {:?} with ids {:?} and padding {:?}", words.logits.dims(), words.ids.dims(), words.padding.dims());
+    }
+    let ids = words.ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let padding = words.padding.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let (mut rows, mut labels, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (ids, pad)) in ids.iter().zip(&padding).enumerate() {
+        let real: Vec<usize> = (0..l).filter(|&j| pad[j] == 0).collect();
+        for &j in &real {
+            if !(0..v as i64).contains(&ids[j]) {
+                bail!("word loss: sample {i} token {j} has id {}, the head knows 0..{v}", ids[j]);
+            }
+            rows.push((i * l + j) as u32);
+            labels.push(ids[j] as u32);
+            weights.push(1.0 / real.len() as f32);
+        }
+    }
+    let dev = words.logits.device();
+    if rows.is_empty() {
+        return Tensor::zeros((), DType::F32, dev);
+    }
+    let k = rows.len();
+    let picked = words.logits.reshape((b * l, v))?.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?; // [K, V]
+    let logp = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
+    let chosen = logp.gather(&Tensor::from_vec(labels, (k, 1), dev)?, 1)?.squeeze(1)?; // [K]
+    (chosen * Tensor::from_vec(weights, k, dev)?)?.sum_all()?.neg()? / samples
 }
 
 /// [`deris_loss`] of some of the samples that share the divisors `norm` (a chunk of a batch, or
 /// a data-parallel replica): every term is summed over these samples and divided by `norm`.
-/// `category_logits`: the category head's logits per round, final first
-/// ([`super::categories::CategoryHead::logits`]); needed when `cfg.category_weight > 0`, else
-/// ignored (may be empty).
+/// `heads`: the training-only heads' outputs, needed for the terms whose weight is not 0.
 pub fn deris_loss_part(
     out: &DerisOutput,
     targets: &[Target],
     cfg: &LossConfig,
     norm: &Normalizers,
-    category_logits: &[Tensor],
+    heads: &HeadOutputs,
     rng: &mut SplitMix64,
 ) -> Result<LossOutput> {
     let (b, _, h, w) = out.pred_masks.dims4()?;
@@ -412,6 +471,7 @@ pub fn deris_loss_part(
     } else {
         None
     };
+    let category_logits = &heads.categories;
     let categories = if cfg.category_weight > 0.0 {
         if perception.is_none() || category_logits.len() != out.aux.len() + 1 {
             bail!("deris_loss: category_weight > 0 needs perception_weight > 0 and category logits for all {} rounds", out.aux.len() + 1);
@@ -457,6 +517,12 @@ pub fn deris_loss_part(
         }
     }
     terms.extend(category_terms);
+    if cfg.word_weight > 0.0 {
+        let Some(words) = &heads.words else { bail!("deris_loss: word_weight > 0 needs the word head's logits") };
+        let word = word_loss(words, norm.samples)?;
+        terms.insert("loss_word".to_string(), scalar(&word)?);
+        total = (total + (word * cfg.word_weight)?)?;
+    }
     let exist = existence_loss(&out.pred_existence, targets, norm.samples)?;
     terms.insert("loss_exist".to_string(), scalar(&exist)?);
     let total = (total + (exist * cfg.existence_weight)?)?;

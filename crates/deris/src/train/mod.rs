@@ -2,13 +2,13 @@
 //! ([`params`]), the DeRIS objective ([`matcher`], [`points`], [`loss`]), Adam with AMSGrad,
 //! clipping and the epoch schedule ([`optim`], [`schedule`]), checkpoints that resume exactly
 //! ([`state`]), batches with NSC ([`data`]), and the loop ([`trainer`]) that `deris train`
-//! runs from a [`config`] file, drawing its [`curve`]; a training-only category head
-//! ([`categories`]) for perception learned from scratch.
+//! runs from a [`config`] file, drawing its [`curve`]; training-only [`heads`] (categories of
+//! objects, ids of words) for a model learned from scratch.
 
-pub mod categories;
 pub mod config;
 pub mod curve;
 pub mod data;
+pub mod heads;
 pub mod loss;
 pub mod matcher;
 pub mod optim;

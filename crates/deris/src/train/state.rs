@@ -7,7 +7,7 @@
 //!   per-parameter step counts,
 //! - `trainer.json`: [`TrainerState`],
 //! - `training_heads.safetensors`, when the run has training-only parameters (keys under
-//!   `train.`, e.g. [`super::categories`]): kept out of `model.safetensors` so that it stays a
+//!   `train.`, [`super::heads`]): kept out of `model.safetensors` so that it stays a
 //!   model checkpoint; read back into the weights on resume.
 //!
 //! A checkpoint is written into a hidden temporary directory inside `DIR` and renamed into place,

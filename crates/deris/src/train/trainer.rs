@@ -6,6 +6,7 @@
 //! and the step or sample, and checkpoints hold the weights, Adam's state and the history, so a
 //! resumed run continues exactly as the uninterrupted run would have.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +18,10 @@ use rayon::prelude::*;
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
-use super::categories::CategoryHead;
 use super::config::TrainConfig;
 use super::data::{Batch, Part, Prefetcher, TrainData};
-use super::loss::{deris_loss_part, LossConfig, Normalizers, Target};
+use super::heads::{self, LinearHead};
+use super::loss::{deris_loss_part, HeadOutputs, LossConfig, Normalizers, Target, WordLogits};
 use super::optim::Adam;
 use super::params::{Group, TrainableWeights};
 use super::state::{load_checkpoint, prune_checkpoints, save_checkpoint, TrainerState};
@@ -101,8 +102,8 @@ pub struct Trainer {
     model_cfg: DerisConfig,
     out_dir: PathBuf,
     weights: TrainableWeights,
-    /// The training-only category head (`loss.category_weight > 0`).
-    categories: Option<CategoryHead>,
+    /// The training-only heads (`loss.category_weight`, `loss.word_weight` > 0).
+    heads: TrainingHeads,
     optim: Adam,
     data: Arc<TrainData>,
     val: Option<Split>,
@@ -195,24 +196,29 @@ impl Trainer {
                 (w.to_tensors(), TrainerState { step: 0, epoch: 0, batch_in_epoch: 0, seed: cfg.seed, config, history: Vec::new() }, None)
             }
         };
-        let saved_head = CategoryHead::take_from(&mut tensors)?;
-        let categories = if cfg.loss.category_weight > 0.0 {
-            let head = match saved_head {
+        let mut head = |prefix: &'static str, weight: f64, outputs: usize, dim: usize, what: &str| -> Result<Option<LinearHead>> {
+            let saved = LinearHead::take_from(prefix, &mut tensors)?;
+            if weight <= 0.0 {
+                return Ok(None);
+            }
+            let head = match saved {
                 Some(h) => h,
-                None => CategoryHead::init(num_categories, model_cfg.predictor.hidden_dim, cfg.init.seed, device)?,
+                None => LinearHead::init(prefix, outputs, dim, cfg.init.seed, device)?,
             };
-            if head.num_categories() != num_categories {
+            if head.outputs() != outputs {
                 return Err(Error::Config {
                     field: "resume".into(),
-                    reason: format!("the checkpoint's category head has {} categories, data.objects {num_categories}", head.num_categories()),
+                    reason: format!("the checkpoint's {prefix} head has {} outputs, {what} {outputs}", head.outputs()),
                 });
             }
-            Some(head)
-        } else {
-            None
+            Ok(Some(head))
+        };
+        let heads = TrainingHeads {
+            categories: head(heads::CATEGORY, cfg.loss.category_weight, num_categories, model_cfg.predictor.hidden_dim, "data.objects")?,
+            words: head(heads::WORD, cfg.loss.word_weight, model_cfg.beit3.vocab_size, model_cfg.understanding.hidden_channels, "the vocabulary")?,
         };
         let weights = TrainableWeights::from_tensors(tensors, &frozen)?;
-        let head_vars = categories.iter().flat_map(|h| h.vars()).map(|(name, var)| (name.to_string(), var.clone()));
+        let head_vars = heads.vars().map(|(name, var)| (name, var.clone()));
         let params = weights
             .trainable()
             .iter()
@@ -232,7 +238,7 @@ impl Trainer {
             model_cfg,
             out_dir: out_dir.to_path_buf(),
             weights,
-            categories,
+            heads,
             optim,
             data,
             val,
@@ -336,10 +342,10 @@ impl Trainer {
         let (num_masks, num_objects) = (per_gpu(Target::num_targets), per_gpu(Target::num_objects));
         let (queries, no_object) = (self.model_cfg.predictor.num_queries, self.cfg.loss.no_object_weight);
         let norms: Vec<Normalizers> = batch.replica_targets(replicas).iter().map(|t| Normalizers::new(t, queries, no_object, num_masks, num_objects)).collect();
-        let (seed, coupling, loss_cfg, head) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss, self.categories.as_ref());
+        let (seed, coupling, loss_cfg, run_heads) = (self.state.seed, self.model_cfg.runtime.batch_coupling, &self.cfg.loss, &self.heads);
         let run = |(p, part): (usize, Part<'_>)| {
             let rng = SplitMix64::from_key(&[LOSS_STREAM, seed, step, p as u64]);
-            replica_step(&model, head, &part.inputs, part.targets, coupling, loss_cfg, &norms[part.replica], rng)
+            replica_step(&model, run_heads, &part.inputs, part.targets, coupling, loss_cfg, &norms[part.replica], rng)
         };
         let results: Vec<std::result::Result<ReplicaResult, ReplicaError>> = parts.into_par_iter().enumerate().map(run).collect();
         let mut done = Vec::with_capacity(replicas * chunks);
@@ -364,7 +370,7 @@ impl Trainer {
             }
         }
         let clock = Instant::now();
-        let head_vars = self.categories.iter().flat_map(|h| h.vars()).map(|(_, v)| v.as_tensor().clone());
+        let head_vars = self.heads.vars().map(|(_, v)| v.as_tensor().clone());
         let vars = self.weights.trainable().values().map(|v| v.as_tensor().clone()).chain(head_vars);
         let grads = average_gradients(done.into_iter().map(|r| r.grads).collect(), vars, replicas)?;
         let factor = self.cfg.schedule.factor(epoch as usize);
@@ -409,7 +415,7 @@ impl Trainer {
     fn checkpoint(&self) -> Result<PathBuf> {
         let dir = self.out_dir.join("checkpoints");
         let mut tensors = self.weights.to_tensors();
-        tensors.extend(self.categories.iter().flat_map(CategoryHead::tensors));
+        tensors.extend(self.heads.tensors());
         let path = save_checkpoint(&dir, &tensors, &self.optim, &self.state)?;
         prune_checkpoints(&dir, self.cfg.keep_checkpoints.max(1))?;
         Ok(path)
@@ -471,7 +477,7 @@ impl From<candle_core::Error> for ReplicaError {
 /// Forward, loss and backward of one replica's samples.
 fn replica_step(
     model: &Deris,
-    categories: Option<&CategoryHead>,
+    heads: &TrainingHeads,
     inputs: &ModelInputs,
     targets: &[Target],
     coupling: BatchCoupling,
@@ -497,11 +503,21 @@ fn replica_step(
             return Err(ReplicaError::Stop(format!("the model's {name} are not finite")));
         }
     }
-    let category_logits = match categories {
-        Some(head) => head.logits(&out)?,
-        None => Vec::new(),
+    let head_outputs = HeadOutputs {
+        categories: match &heads.categories {
+            Some(head) => head.round_logits(&out)?,
+            None => Vec::new(),
+        },
+        words: match &heads.words {
+            Some(head) => Some(WordLogits {
+                logits: head.forward(&out.text_feat)?,
+                ids: inputs.ref_expr_inds.clone(),
+                padding: inputs.text_attention_mask.clone(),
+            }),
+            None => None,
+        },
     };
-    let loss = deris_loss_part(&out, targets, cfg, norm, &category_logits, &mut rng)?;
+    let loss = deris_loss_part(&out, targets, cfg, norm, &head_outputs, &mut rng)?;
     let value = loss.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     lap(&mut timing.loss);
     if !value.is_finite() {
@@ -510,6 +526,24 @@ fn replica_step(
     let grads = loss.total.backward()?;
     lap(&mut timing.backward);
     Ok(ReplicaResult { grads, value, terms: loss.terms, timing })
+}
+
+/// The training-only heads of a run ([`heads`]).
+struct TrainingHeads {
+    categories: Option<LinearHead>,
+    words: Option<LinearHead>,
+}
+
+impl TrainingHeads {
+    /// Every head's variables, by checkpoint key.
+    fn vars(&self) -> impl Iterator<Item = (String, &candle_core::Var)> {
+        self.categories.iter().chain(&self.words).flat_map(LinearHead::vars)
+    }
+
+    /// Every head's tensors, by checkpoint key.
+    fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.categories.iter().chain(&self.words).flat_map(LinearHead::tensors).collect()
+    }
 }
 
 /// Each trainable variable's gradient summed over the parts and divided by `replicas`: the
