@@ -203,10 +203,11 @@ fn perception_loss_on_every_object_trains_and_resumes() {
         cfg.loss.positive_iou = Some(0.5);
         cfg.loss.category_weight = 1.0;
         cfg.loss.word_weight = 1.0;
+        cfg.loss.box_weight = 1.0;
         cfg
     };
     let terms = first_terms(with_objects(1), &tmp.path().join("first"));
-    for name in ["loss_pcls", "loss_pbce", "loss_pdice", "loss_pcls_0", "loss_pdice_2", "loss_pcat", "loss_pcat_2", "loss_word"] {
+    for name in ["loss_pcls", "loss_pbce", "loss_pdice", "loss_pcls_0", "loss_pdice_2", "loss_pcat", "loss_pcat_2", "loss_word", "loss_pbox", "loss_pbox_2"] {
         assert!(terms[name].is_finite() && terms[name] > 0.0, "{name}: {:?}", terms.get(name));
     }
     let whole = losses(with_objects(24), &tmp.path().join("whole"), None);
@@ -233,6 +234,9 @@ fn perception_loss_on_every_object_trains_and_resumes() {
     let mut bad = with_objects(1);
     bad.loss.word_weight = f64::NAN;
     assert!(bad.validate().unwrap_err().to_string().contains("word_weight"));
+    let mut bad = with_objects(1);
+    (bad.loss.perception_weight, bad.loss.category_weight) = (0.0, 0.0);
+    assert!(bad.validate().unwrap_err().to_string().contains("box_weight"));
     let mut no_list = with_objects(1);
     no_list.data.objects = None;
     let err = Trainer::new(no_list, &tmp.path().join("refused"), None, &Device::Cpu).err().expect("perception_weight without objects");

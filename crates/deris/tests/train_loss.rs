@@ -593,6 +593,37 @@ fn category_terms_name_the_matched_objects_categories() {
 }
 
 #[test]
+fn box_term_regresses_the_matched_objects_boxes() {
+    // The perception matching as in the category test; image 1's boxes are the same for every
+    // query, so its one object gets the same box whichever query it is matched to.
+    let bt = batch();
+    let (mut out, targets, _, _) = batch_with_objects(&bt);
+    let boxes = [
+        vec![vec![[0.7, 0.2, 0.3, 0.4], [0.3, 0.5, 0.4, 0.9], [0.6, 0.8, 0.5, 0.4]], vec![[0.5, 0.4, 0.6, 0.5]; 3]],
+        vec![vec![[0.9, 0.1, 0.2, 0.2], [0.2, 0.4, 0.6, 0.8], [0.8, 0.7, 0.4, 0.6]], vec![[0.4, 0.6, 0.3, 0.5]; 3]],
+    ];
+    let t = |l: &Vec<Vec<[f64; 4]>>| {
+        let flat: Vec<f32> = l.iter().flatten().flatten().map(|&x| x as f32).collect();
+        Tensor::from_vec(flat, (2, 3, 4), &Device::Cpu).unwrap()
+    };
+    out.pred_boxes = t(&boxes[0]);
+    out.aux[0].pred_boxes = t(&boxes[1]);
+    // the objects' boxes (cx, cy, w, h) on the 8×8 grid: left half, bottom-right quadrant,
+    // rows 0..3 × columns 5..8, and image 1's centre block rows and columns 2..6
+    let (left, quad, top_right, centre) = ([0.25, 0.5, 0.5, 1.0], [0.75, 0.75, 0.5, 0.5], [0.8125, 0.1875, 0.375, 0.375], [0.5, 0.5, 0.5, 0.5]);
+    let l1 = |a: [f64; 4], b: [f64; 4]| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>();
+    let want = |l: &Vec<Vec<[f64; 4]>>| (l1(l[0][1], left) + l1(l[0][2], quad) + l1(l[0][0], top_right) + l1(l[1][0], centre)) / 4.0;
+
+    let cfg = LossConfig { perception_weight: 0.5, box_weight: 3.0, ..small_cfg() };
+    let norm = Normalizers::of_batch(&targets, 3, cfg.no_object_weight);
+    let with = deris_loss_part(&out, &targets, &cfg, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap();
+    assert_term(&with.terms, "loss_pbox", want(&boxes[0]));
+    assert_term(&with.terms, "loss_pbox_0", want(&boxes[1]));
+    let without = deris_loss_part(&out, &targets, &LossConfig { box_weight: 0.0, ..cfg.clone() }, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap();
+    assert_term(&with.terms, "total", without.terms["total"] + 3.0 * want(&boxes[0]) + 0.2 * 3.0 * want(&boxes[1]));
+}
+
+#[test]
 fn word_term_names_each_real_token() {
     // Two sentences of 4 and 2 real tokens, padded to 5; a vocabulary of 3.
     let logits: Vec<Vec<[f64; 3]>> = vec![

@@ -247,13 +247,16 @@ impl TrainConfig {
         if !(self.loss.perception_weight >= 0.0 && self.loss.perception_weight.is_finite()) {
             return bad("loss.perception_weight", "must be a non-negative number");
         }
-        for (field, w) in [("loss.category_weight", self.loss.category_weight), ("loss.word_weight", self.loss.word_weight)] {
+        for (field, w) in [("loss.category_weight", self.loss.category_weight), ("loss.word_weight", self.loss.word_weight), ("loss.box_weight", self.loss.box_weight)] {
             if !(w >= 0.0 && w.is_finite()) {
                 return bad(field, "must be a non-negative number");
             }
         }
         if self.loss.category_weight > 0.0 && self.loss.perception_weight <= 0.0 {
             return bad("loss.category_weight", "needs loss.perception_weight > 0 (its queries are the perception loss's matches)");
+        }
+        if self.loss.box_weight > 0.0 && self.loss.perception_weight <= 0.0 {
+            return bad("loss.box_weight", "needs loss.perception_weight > 0 (its queries are the perception loss's matches)");
         }
         if self.checkpoint_every == 0 || self.log_every == 0 || self.eval_every == Some(0) {
             return bad("checkpoint_every / log_every / eval_every", "must be at least 1");

@@ -32,7 +32,10 @@
 //! objects), Mask2Former's class loss. With `word_weight > 0` the text features name the ids of
 //! their tokens (`loss_word`: per sample the mean cross entropy of a training-only head's logits
 //! over the real tokens, summed and divided by the number of samples), so that a BEiT-3 trained
-//! from scratch keeps what its words were.
+//! from scratch keeps what its words were. With `box_weight > 0` the queries matched to objects
+//! also regress their object's box (`loss_pbox`: DETR's L1 on `(cx, cy, w, h)` in `[0, 1]`, the
+//! box of the object's mask, summed and divided by the number of objects), so that the queries
+//! know where their object is, which relations ("left of") and extremes ("the leftmost") ask.
 //!
 //! No keys (no parameters).
 
@@ -123,6 +126,9 @@ pub struct LossConfig {
     pub category_weight: f64,
     /// Weight of the word loss of the text features (0: none; needs a word head).
     pub word_weight: f64,
+    /// Weight of the box L1 of the queries matched to objects (0: none; needs the perception
+    /// loss).
+    pub box_weight: f64,
 }
 
 impl Default for LossConfig {
@@ -144,6 +150,7 @@ impl Default for LossConfig {
             perception_weight: 0.0,
             category_weight: 0.0,
             word_weight: 0.0,
+            box_weight: 0.0,
         }
     }
 }
@@ -290,6 +297,52 @@ fn category_ce(logits: &Tensor, pairs: &[Vec<(usize, usize)>], categories: &[&[u
     let picked = logits.reshape((b * n, c))?.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?; // [K, C]
     let logp = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
     (logp * Tensor::from_vec(one_hot, (k, c), dev)?)?.sum_all()?.neg()? / num_objects
+}
+
+/// The box `(cx, cy, w, h)` of each mask, in `[0, 1]` of the mask's width and height: the
+/// smallest pixel rectangle holding its nonzero pixels (`None` for an empty mask).
+///
+/// # Shapes
+/// - `masks`: `[K, H, W]`
+fn mask_boxes(masks: &Tensor) -> Result<Vec<Option<[f32; 4]>>> {
+    let (_, h, w) = masks.dims3()?;
+    let data = masks.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    Ok(data
+        .iter()
+        .map(|m| {
+            let rows: Vec<usize> = (0..h).filter(|&r| m[r].iter().any(|&v| v > 0.0)).collect();
+            let cols: Vec<usize> = (0..w).filter(|&c| m.iter().any(|row| row[c] > 0.0)).collect();
+            let (&y0, &y1, &x0, &x1) = (rows.first()?, rows.last()?, cols.first()?, cols.last()?);
+            let (x1, y1) = (x1 + 1, y1 + 1);
+            Some([(x0 + x1) as f32 / (2 * w) as f32, (y0 + y1) as f32 / (2 * h) as f32, (x1 - x0) as f32 / w as f32, (y1 - y0) as f32 / h as f32])
+        })
+        .collect())
+}
+
+/// DETR's box L1 of the queries matched to objects: `Σ |box_q − box_k|₁` over the pairs whose
+/// object has a box, divided by `num_objects`.
+///
+/// # Shapes
+/// - `boxes`: `[B, N, 4]` sigmoid `(cx, cy, w, h)`; `pairs[b]`: `(query, object)`;
+///   `object_boxes[b][object]`
+fn box_l1(boxes: &Tensor, pairs: &[Vec<(usize, usize)>], object_boxes: &[Vec<Option<[f32; 4]>>], num_objects: f64) -> Result<Tensor> {
+    let (b, n, _) = boxes.dims3()?;
+    let (mut rows, mut want) = (Vec::new(), Vec::new());
+    for (i, image_pairs) in pairs.iter().enumerate() {
+        for &(q, k) in image_pairs {
+            if let Some(bx) = object_boxes.get(i).and_then(|o| o.get(k)).copied().flatten() {
+                rows.push((i * n + q) as u32);
+                want.extend(bx);
+            }
+        }
+    }
+    let dev = boxes.device();
+    if rows.is_empty() {
+        return Tensor::zeros((), DType::F32, dev);
+    }
+    let k = rows.len();
+    let picked = boxes.reshape((b * n, 4))?.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?.to_dtype(DType::F32)?; // [K, 4]
+    (picked - Tensor::from_vec(want, (k, 4), dev)?)?.abs()?.sum_all()? / num_objects
 }
 
 /// `Σ_b BCE(sigmoid(z_b), exists_b) / samples` (the batch mean when `samples` is the batch
@@ -494,14 +547,19 @@ pub fn deris_loss_part(
 
     // Rounds: the final one (weight 1), then the auxiliary ones (`aux_weight`); per round the
     // referring terms, then the perception terms.
-    let mut rounds = vec![(out.pred_masks.clone(), &out.pred_refer_logits, &out.pred_logits_perception, String::new(), 1.0)];
+    let mut rounds = vec![(out.pred_masks.clone(), &out.pred_refer_logits, &out.pred_logits_perception, &out.pred_boxes, String::new(), 1.0)];
     for (r, aux) in out.aux.iter().enumerate() {
         let masks = resize_bilinear(&aux.pred_masks_lowres, h, w, true)?; // [B, N, H, W]
-        rounds.push((masks, &aux.pred_refer_logits, &aux.pred_logits, format!("_{r}"), cfg.aux_weight));
+        rounds.push((masks, &aux.pred_refer_logits, &aux.pred_logits, &aux.pred_boxes, format!("_{r}"), cfg.aux_weight));
     }
+    // The objects' boxes, for the box term.
+    let object_boxes = match &perception {
+        Some((objects, _)) if cfg.box_weight > 0.0 => Some(objects.iter().map(|o| mask_boxes(&o.masks)).collect::<Result<Vec<_>>>()?),
+        _ => None,
+    };
     let mut total = Tensor::zeros((), DType::F32, out.pred_masks.device())?;
-    let mut category_terms = Vec::new();
-    for (r, (masks, refer_logits, perception_logits, suffix, round_weight)) in rounds.iter().enumerate() {
+    let mut object_terms = Vec::new();
+    for (r, (masks, refer_logits, perception_logits, boxes, suffix, round_weight)) in rounds.iter().enumerate() {
         let refer = round_losses(masks, refer_logits, targets, cfg, norm, cfg.positive_iou, rng)?;
         record(&refer, "", suffix)?;
         total = (total + (weighted(&refer)? * *round_weight)?)?;
@@ -511,12 +569,17 @@ pub fn deris_loss_part(
             total = (total + (weighted(&p)? * (round_weight * cfg.perception_weight))?)?;
             if let Some(categories) = &categories {
                 let cat = category_ce(&category_logits[r], &p.pairs, categories, pnorm.num_masks)?;
-                category_terms.push((format!("loss_pcat{suffix}"), scalar(&cat)?));
+                object_terms.push((format!("loss_pcat{suffix}"), scalar(&cat)?));
                 total = (total + (cat * (round_weight * cfg.category_weight))?)?;
+            }
+            if let Some(object_boxes) = &object_boxes {
+                let l1 = box_l1(boxes, &p.pairs, object_boxes, pnorm.num_masks)?;
+                object_terms.push((format!("loss_pbox{suffix}"), scalar(&l1)?));
+                total = (total + (l1 * (round_weight * cfg.box_weight))?)?;
             }
         }
     }
-    terms.extend(category_terms);
+    terms.extend(object_terms);
     if cfg.word_weight > 0.0 {
         let Some(words) = &heads.words else { bail!("deris_loss: word_weight > 0 needs the word head's logits") };
         let word = word_loss(words, norm.samples)?;
