@@ -621,6 +621,9 @@ fn box_term_regresses_the_matched_objects_boxes() {
     assert_term(&with.terms, "loss_pbox_0", want(&boxes[1]));
     let without = deris_loss_part(&out, &targets, &LossConfig { box_weight: 0.0, ..cfg.clone() }, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap();
     assert_term(&with.terms, "total", without.terms["total"] + 3.0 * want(&boxes[0]) + 0.2 * 3.0 * want(&boxes[1]));
+    let alone = LossConfig { perception_weight: 0.0, ..cfg };
+    let err = deris_loss_part(&out, &targets, &alone, &norm, &HeadOutputs::default(), &mut SplitMix64::new(5)).unwrap_err().to_string();
+    assert!(err.contains("box_weight"), "{err}");
 }
 
 #[test]

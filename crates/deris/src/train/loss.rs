@@ -554,8 +554,9 @@ pub fn deris_loss_part(
     }
     // The objects' boxes, for the box term.
     let object_boxes = match &perception {
-        Some((objects, _)) if cfg.box_weight > 0.0 => Some(objects.iter().map(|o| mask_boxes(&o.masks)).collect::<Result<Vec<_>>>()?),
-        _ => None,
+        _ if cfg.box_weight <= 0.0 => None,
+        Some((objects, _)) => Some(objects.iter().map(|o| mask_boxes(&o.masks)).collect::<Result<Vec<_>>>()?),
+        None => bail!("deris_loss: box_weight > 0 needs perception_weight > 0 (its queries are the perception matches)"),
     };
     let mut total = Tensor::zeros((), DType::F32, out.pred_masks.device())?;
     let mut object_terms = Vec::new();
