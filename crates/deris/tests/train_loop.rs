@@ -225,18 +225,17 @@ fn perception_loss_on_every_object_trains_and_resumes() {
     assert_eq!(keys(&step_dir.join("model.safetensors")), 0);
     assert_eq!(keys(&split.join("model/model.safetensors")), 0);
 
-    let mut bad = with_objects(1);
-    bad.loss.positive_iou = Some(1.5);
-    assert!(bad.validate().unwrap_err().to_string().contains("positive_iou"));
-    let mut bad = with_objects(1);
-    bad.loss.perception_weight = 0.0;
-    assert!(bad.validate().unwrap_err().to_string().contains("category_weight"));
-    let mut bad = with_objects(1);
-    bad.loss.word_weight = f64::NAN;
-    assert!(bad.validate().unwrap_err().to_string().contains("word_weight"));
-    let mut bad = with_objects(1);
-    (bad.loss.perception_weight, bad.loss.category_weight) = (0.0, 0.0);
-    assert!(bad.validate().unwrap_err().to_string().contains("box_weight"));
+    let refused: [(fn(&mut TrainConfig), &str); 4] = [
+        (|c| c.loss.positive_iou = Some(1.5), "positive_iou"),
+        (|c| c.loss.perception_weight = 0.0, "category_weight"),
+        (|c| c.loss.word_weight = f64::NAN, "word_weight"),
+        (|c| (c.loss.perception_weight, c.loss.category_weight) = (0.0, 0.0), "box_weight"),
+    ];
+    for (spoil, field) in refused {
+        let mut bad = with_objects(1);
+        spoil(&mut bad);
+        assert!(bad.validate().unwrap_err().to_string().contains(field), "{field}");
+    }
     let mut no_list = with_objects(1);
     no_list.data.objects = None;
     let err = Trainer::new(no_list, &tmp.path().join("refused"), None, &Device::Cpu).err().expect("perception_weight without objects");
