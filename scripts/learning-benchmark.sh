@@ -20,4 +20,4 @@ bin=target/release/deris
 # the whole val split with the final model
 "$bin" eval --weights "$out/run/model/model.safetensors" --config "$out/run/model/config.json" \
     --tokenizer "$out/run/model/tokenizer.spm" --annotations "$out/synth/grefs/instances.json" \
-    --data-root "$out/synth/images" --split val
+    --data-root "$out/synth/images" --split val --objects "$out/synth/coco/instances.json"

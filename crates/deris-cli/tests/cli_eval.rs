@@ -194,3 +194,24 @@ fn unknown_split_and_malformed_annotations() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--batch"));
 }
+
+#[test]
+fn objects_add_a_diagnosis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mini = mini::write(&tmp.path().join("r"), Layout::RelaGrefs).unwrap();
+    let objects = mini.source.annotations.with_file_name("instances.json");
+    let report = tmp.path().join("report.json");
+    let out = eval(&mini, &["--split", "val", "--objects", s(&objects), "--report-json", s(&report)]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| oracle selection IoU (%) |") && table.contains("| ranking AUC, referents vs other objects (%) |"), "{table}");
+    let json = read_json(&report);
+    assert_eq!(json["diagnosis"]["sentences"], json["evaluated"]);
+    let oracle = json["diagnosis"]["oracle_iou"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&oracle), "{oracle}");
+
+    // an objects file that cannot be read names itself
+    let out = eval(&mini, &["--split", "val", "--objects", s(&tmp.path().join("nope.json"))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("nope.json"), "{}", stderr(&out));
+}

@@ -1,18 +1,22 @@
 //! `deris eval`: a model over a dataset split, scored as the authors evaluate
 //! ([`deris::eval::protocol`]). Prints the result as a row of the authors' README table (or one
 //! JSON line with `--json`), optionally writes the full report as JSON and every sample's
-//! prediction record (`--save-predictions`, the lines `deris metrics` reads).
+//! prediction record (`--save-predictions`, the lines `deris metrics` reads). With `--objects`
+//! it also says how much of the shortfall is the queries' masks and how much their selection
+//! ([`deris::eval::diagnosis`]).
 //!
 //! Annotations are read and image files checked before the model is loaded, so a wrong split or
 //! a missing image fails at once. Output files are written to a temporary name and renamed.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use deris::data::readers::coco::Instances;
 use deris::data::{AnnotationSource, Layout};
 use deris::eval::protocol::{self, EvalOptions, EvalProgress, EvalReport, Protocol, Task};
 use deris::eval::PredictionRecord;
@@ -33,6 +37,11 @@ pub struct Args {
     /// COCO `instances.json` of the refer and ReLA layouts [default: beside --annotations].
     #[arg(long)]
     instances: Option<PathBuf>,
+    /// COCO `instances.json` listing every object of the images (its annotation ids are the
+    /// referents'; `deris synth` writes `coco/instances.json`): adds a diagnosis of where the
+    /// errors come from, the queries' masks or their selection.
+    #[arg(long, value_name = "FILE")]
+    objects: Option<PathBuf>,
     /// Folder of the image files (COCO `train2014`).
     #[arg(long)]
     data_root: PathBuf,
@@ -137,12 +146,20 @@ pub fn run(a: Args) -> Result<()> {
         batch_size: a.batch,
         skip_missing: a.skip_missing,
         limit: a.limit,
+        objects: match &a.objects {
+            Some(path) => Some(Arc::new(
+                Instances::load(path)
+                    .and_then(|i| i.objects_by_image())
+                    .with_context(|| format!("reading the objects of --objects {}", path.display()))?,
+            )),
+            None => None,
+        },
     };
     let samples = protocol::sentences(&split, a.limit);
     ensure!(!samples.is_empty(), "split '{}' of {} has no sample to evaluate", a.split, a.annotations.display());
     let skipped = protocol::check_images(&samples, a.skip_missing)?;
 
-    let segmenter = a.model.load()?;
+    let segmenter = a.model.load()?.with_query_masks(a.objects.is_some());
     let (tmp_predictions, mut writer) = match a.save_predictions.as_deref().map(TempFile::create).transpose()? {
         Some((t, w)) => (Some(t), Some(w)),
         None => (None, None),
@@ -195,11 +212,12 @@ pub fn run(a: Args) -> Result<()> {
         w.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
         tmp.commit(w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", path.display()))?)?;
     }
+    let table = report.markdown() + &report.diagnosis.as_ref().map_or_else(String::new, |d| format!("\n{}", d.markdown()));
     if a.json {
-        eprint!("{}", report.markdown());
+        eprint!("{table}");
         println!("{}", serde_json::to_string(&json)?);
     } else {
-        print!("{}", report.markdown());
+        print!("{table}");
     }
     Ok(())
 }
@@ -208,6 +226,7 @@ pub fn run(a: Args) -> Result<()> {
 fn check_outputs(a: &Args, outputs: &[&Path]) -> Result<()> {
     let mut named = vec![a.annotations.as_path()];
     named.extend(a.instances.as_deref());
+    named.extend(a.objects.as_deref());
     named.extend(a.model.input_paths());
     let inputs: Vec<PathBuf> = named.into_iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
     for out in outputs {

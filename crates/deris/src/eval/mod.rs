@@ -6,6 +6,8 @@
 //!   the no-target flag and the per-query scores, and report the authors' numbers.
 //! - [`records`]: the JSON-lines record of one sample, written by `deris eval --save-predictions`
 //!   and read by `deris metrics`.
+//! - [`diagnosis`]: with every object of the images, how much of the shortfall is the queries'
+//!   masks and how much their selection (`deris eval --objects`; not the authors' protocol).
 //! - [`protocol`]: a whole split through a [`crate::Segmenter`] (`deris eval`), under the
 //!   reference (384²) or the original-resolution protocol.
 //!
@@ -15,9 +17,11 @@
 //! [`RisMetrics::add_masks`] or [`GresMetrics::add_masks`] in split order; `report().summary()`
 //! gives the JSON that `deris metrics` prints.
 
+pub mod diagnosis;
 pub mod metrics;
 pub mod protocol;
 pub mod records;
 
+pub use diagnosis::{Diagnosis, DiagnosisReport, DiagnosisSample};
 pub use metrics::{GresMetrics, GresReport, GresSample, GresSummary, NtCase, NtCounts, RisMetrics, RisReport, RisSample, RisSummary};
 pub use records::{PredictionRecord, RleJson};

@@ -24,20 +24,27 @@
 //! one, unless [`EvalOptions::skip_missing`] is set, in which case they are left out and listed in
 //! [`EvalReport::skipped`].
 //!
+//! With [`EvalOptions::objects`] (every object of each image) the report also has a
+//! [`DiagnosisReport`]: how well the queries' masks fit the objects and how well the scores pick
+//! the referents, at the model's resolution whatever the protocol.
+//!
 //! [`Prediction::mask_model`]: crate::Prediction::mask_model
 //! [`Prediction::mask`]: crate::Prediction::mask
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
 use std::time::Instant;
 
 use deris_coco::{CocoError, Rle};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use super::diagnosis::{Diagnosis, DiagnosisReport, DiagnosisSample};
 use super::metrics::{GresMetrics, GresReport, RisMetrics, RisReport};
 use super::records::{PredictionRecord, RleJson};
-use crate::data::{DataError, Layout, Sample, Split};
+use crate::data::{DataError, ImageObject, Layout, Sample, Split};
 use crate::pipeline::{PreparedInput, Segmenter};
 use crate::post::BinaryMask;
 use crate::preprocess::image::load_image;
@@ -98,8 +105,12 @@ impl Protocol {
     }
 }
 
+/// Every object of each image by image id (COCO `instances.json` read with
+/// [`crate::data::readers::coco::Instances::objects_by_image`]).
+pub type ObjectIndex = HashMap<u64, Vec<ImageObject>>;
+
 /// How to run an evaluation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvalOptions {
     pub task: Task,
     pub protocol: Protocol,
@@ -111,12 +122,17 @@ pub struct EvalOptions {
     pub skip_missing: bool,
     /// Evaluate only the first `n` sentences of the split.
     pub limit: Option<usize>,
+    /// Every object of the images, for the [`DiagnosisReport`] (`None`: no diagnosis). The
+    /// referents are found among them by annotation id; the segmenter must return its query
+    /// masks ([`Segmenter::with_query_masks`]).
+    pub objects: Option<Arc<ObjectIndex>>,
 }
 
 impl EvalOptions {
-    /// `task` under the reference protocol, batches of 8, failing on missing images, no limit.
+    /// `task` under the reference protocol, batches of 8, failing on missing images, no limit,
+    /// no diagnosis.
     pub fn new(task: Task) -> Self {
-        Self { task, protocol: Protocol::Reference, batch_size: 8, skip_missing: false, limit: None }
+        Self { task, protocol: Protocol::Reference, batch_size: 8, skip_missing: false, limit: None, objects: None }
     }
 }
 
@@ -142,6 +158,11 @@ pub enum EvalError {
     /// A mask operation failed (the prediction and the ground truth disagree in size).
     #[error("{sample}: {err}")]
     Mask { sample: String, err: CocoError },
+
+    /// A sample's referents cannot be found among its image's objects, or the segmenter gave
+    /// no query masks, for the diagnosis.
+    #[error("{sample}: {reason}")]
+    Diagnosis { sample: String, reason: String },
 
     /// The model failed on a batch.
     #[error("model, batch starting at {sample}: {err}")]
@@ -207,6 +228,8 @@ pub struct EvalReport {
     /// Samples left out for a missing image, in split order.
     pub skipped: Vec<SkippedSample>,
     pub metrics: TaskReport,
+    /// With [`EvalOptions::objects`]: where the errors come from.
+    pub diagnosis: Option<DiagnosisReport>,
     /// Wall time of the loop (loading, model, scoring).
     pub seconds: f64,
 }
@@ -242,6 +265,7 @@ impl EvalReport {
             "missing_images": self.skipped.len(),
             "metrics": self.summary_json(),
             "details": details.unwrap_or(Value::Null),
+            "diagnosis": self.diagnosis.as_ref().and_then(|d| serde_json::to_value(d).ok()),
             "seconds": self.seconds,
             "samples_per_second": self.evaluated as f64 / self.seconds.max(1e-9),
         })
@@ -349,6 +373,17 @@ struct Loaded<'s> {
     sample: &'s Sample,
     input: PreparedInput,
     gt: Rle,
+    objects: Option<ModelObjects>,
+}
+
+/// A sample's objects at the model's resolution, for the diagnosis.
+struct ModelObjects {
+    /// Row-major 0/1 masks of every object of the image.
+    masks: Vec<Vec<u8>>,
+    /// Per object: a referent of the sentence.
+    referent: Vec<bool>,
+    /// The ground truth, row-major 0/1.
+    gt: Vec<u8>,
 }
 
 /// Runs `segmenter` over `split` one sentence at a time and scores it with `options.task`'s
@@ -379,6 +414,7 @@ where
 
     let mut ris = RisMetrics::new();
     let mut gres = GresMetrics::new(threshold);
+    let mut diagnosis = options.objects.as_ref().map(|_| Diagnosis::new());
     let mut done = 0usize;
     std::thread::scope(|scope| -> Result<(), EvalError> {
         let (tx, rx) = sync_channel::<Result<Vec<Loaded<'_>>, EvalError>>(2);
@@ -386,7 +422,7 @@ where
         scope.spawn(move || {
             for chunk in batches {
                 let each: Vec<Result<Loaded<'_>, EvalError>> =
-                    chunk.par_iter().map(|s| load(segmenter, s, options.protocol, model_size)).collect();
+                    chunk.par_iter().map(|s| load(segmenter, s, options, model_size)).collect();
                 // The first failure in split order, whichever thread met it first.
                 let loaded: Result<Vec<Loaded<'_>>, EvalError> = each.into_iter().collect();
                 let failed = loaded.is_err();
@@ -421,6 +457,18 @@ where
                         (s.iou, gres.report().g_iou)
                     }
                 };
+                if let (Some(d), Some(o)) = (&mut diagnosis, &l.objects) {
+                    let fail = |reason: String| EvalError::Diagnosis { sample: l.sample.label.clone(), reason };
+                    let query_masks = p
+                        .queries
+                        .iter()
+                        .map(|q| q.mask.clone())
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| fail("the diagnosis needs every query's mask (Segmenter::with_query_masks)".into()))?;
+                    let selected: Vec<bool> = p.queries.iter().map(|q| q.selected).collect();
+                    let s = DiagnosisSample { query_masks: &query_masks, scores: &scores, selected: &selected, objects: &o.masks, referent: &o.referent, gt: &o.gt };
+                    d.add(&s).map_err(fail)?;
+                }
                 let record = PredictionRecord {
                     pred: RleJson::from_rle(&pred),
                     gt: RleJson::from_rle(&l.gt),
@@ -451,13 +499,14 @@ where
         evaluated: done,
         skipped,
         metrics,
+        diagnosis: diagnosis.map(|d| d.report()),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
 /// Decodes a sample's image, builds its ground truth at the protocol's resolution and prepares
 /// the model input.
-fn load<'s>(segmenter: &Segmenter, sample: &'s Sample, protocol: Protocol, model_size: u32) -> Result<Loaded<'s>, EvalError> {
+fn load<'s>(segmenter: &Segmenter, sample: &'s Sample, options: &EvalOptions, model_size: u32) -> Result<Loaded<'s>, EvalError> {
     let sample_error = |err| EvalError::Sample { sample: sample.label.clone(), err: Box::new(err) };
     let text = sample.expressions.first().ok_or_else(|| {
         sample_error(crate::Error::Text { reason: "the sample has no sentence".into() })
@@ -465,13 +514,47 @@ fn load<'s>(segmenter: &Segmenter, sample: &'s Sample, protocol: Protocol, model
     let image = load_image(&sample.image_path).map_err(sample_error)?;
     // Decoded images have at most MAX_PIXELS pixels: both sides fit.
     let (h, w) = (image.h as u32, image.w as u32);
+    let to_model = |rle: &Rle| rle.resize_nearest(model_size, model_size).map_err(|err| EvalError::Mask { sample: sample.label.clone(), err });
     let gt = sample.gt_mask(h, w)?;
-    let gt = match protocol {
-        Protocol::Reference => gt.resize_nearest(model_size, model_size).map_err(|err| EvalError::Mask { sample: sample.label.clone(), err })?,
+    let objects = match &options.objects {
+        Some(index) => Some(model_objects(sample, index, &to_model(&gt)?, h, w, &to_model)?),
+        None => None,
+    };
+    let gt = match options.protocol {
+        Protocol::Reference => to_model(&gt)?,
         Protocol::Original => gt,
     };
     let input = segmenter.prepare(&image, text).map_err(sample_error)?;
-    Ok(Loaded { sample, input, gt })
+    Ok(Loaded { sample, input, gt, objects })
+}
+
+/// The objects of `sample`'s image at the model's resolution (`to_model` of their masks at the
+/// image's `h × w`), each referent found by its annotation id.
+fn model_objects(
+    sample: &Sample,
+    index: &ObjectIndex,
+    gt_model: &Rle,
+    h: u32,
+    w: u32,
+    to_model: &dyn Fn(&Rle) -> Result<Rle, EvalError>,
+) -> Result<ModelObjects, EvalError> {
+    let objects = index.get(&sample.image_id).map_or(&[][..], Vec::as_slice);
+    let ids: Vec<Option<i64>> = objects.iter().map(|o| o.target.ann_id).collect();
+    for t in &sample.targets {
+        if t.ann_id.is_none() || !ids.contains(&t.ann_id) {
+            let id = t.ann_id.map_or_else(|| "without an annotation id".to_string(), |id| id.to_string());
+            return Err(EvalError::Diagnosis {
+                sample: sample.label.clone(),
+                reason: format!("referent {id} is not among the {} objects of image {} in the objects file", objects.len(), sample.image_id),
+            });
+        }
+    }
+    let masks = sample.masks_of(objects.iter().map(|o| &o.target), h, w)?;
+    Ok(ModelObjects {
+        masks: masks.iter().map(|m| to_model(m).map(|r| r.to_rowmajor())).collect::<Result<_, _>>()?,
+        referent: ids.iter().map(|id| sample.targets.iter().any(|t| t.ann_id == *id)).collect(),
+        gt: gt_model.to_rowmajor(),
+    })
 }
 
 /// A prediction mask (at most the model's or the decoded image's size) as an RLE.
