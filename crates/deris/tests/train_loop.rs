@@ -72,6 +72,7 @@ fn loss_falls_on_a_small_dataset() {
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     assert!(log.lines().filter(|l| l.contains("\"step\"")).count() >= 40);
     assert!(log.lines().any(|l| l.contains("\"eval\"")), "the final validation is logged");
+    assert!(!log.contains("\"diagnosis\""), "no object list, no diagnosis");
     assert!(std::fs::metadata(out.join("curve.png")).unwrap().len() > 1000);
     let dir = out.join("model");
     let cfg = deris::DerisConfig::from_file(&dir.join("config.json")).unwrap();
@@ -211,6 +212,12 @@ fn perception_loss_on_every_object_trains_and_resumes() {
         assert!(terms[name].is_finite() && terms[name] > 0.0, "{name}: {:?}", terms.get(name));
     }
     let whole = losses(with_objects(24), &tmp.path().join("whole"), None);
+    // with every val object listed, validation also diagnoses the masks against the selection
+    let log = std::fs::read_to_string(tmp.path().join("whole/log.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["type"] == "eval").collect();
+    let last = evals.last().expect("the final validation is logged");
+    assert_eq!(last["diagnosis"]["sentences"], last["samples"], "{last}");
+    assert!(last["diagnosis"]["best_query_iou"].as_f64().is_some_and(|v| (0.0..=100.0).contains(&v)), "{last}");
     let mean = |s: &[(u64, f64)]| s.iter().map(|p| p.1).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&whole[..6]), mean(&whole[18..]));
     assert!(last < 0.85 * first, "the loss did not fall with the perception terms: {first:.3} → {last:.3}");

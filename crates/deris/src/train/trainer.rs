@@ -31,7 +31,7 @@ use crate::data::rng::SplitMix64;
 use crate::data::readers::coco::Instances;
 use crate::data::{AnnotationSource, Layout, Split};
 use crate::error::{Error, Result};
-use crate::eval::protocol::{evaluate, EvalOptions, Task};
+use crate::eval::protocol::{evaluate, EvalOptions, ObjectIndex, Task};
 use crate::model::{Deris, ModelInputs};
 use crate::pipeline::Segmenter;
 use crate::preprocess::text::{Tokenizer, WordUnigramOptions};
@@ -107,6 +107,9 @@ pub struct Trainer {
     optim: Adam,
     data: Arc<TrainData>,
     val: Option<Split>,
+    /// Every object of the images, when `data.objects` lists every referent of the val split:
+    /// validation then also reports the [`crate::eval::DiagnosisReport`].
+    val_objects: Option<Arc<ObjectIndex>>,
     tokenizer: Tokenizer,
     tokenizer_bytes: Vec<u8>,
     state: TrainerState,
@@ -159,10 +162,14 @@ impl Trainer {
         let mut data = TrainData::new(samples, tokenizer.clone(), &model_cfg, nsc, cfg.augment, device)?;
         // Categories 0..=the largest category_id of the object list.
         let mut num_categories = 0;
+        let mut val_objects = None;
         if let Some(path) = &cfg.data.objects {
             let instances = Instances::load(path).map_err(|e| data_error("data.objects", e))?;
             let objects = instances.objects_by_image().map_err(|e| data_error("data.objects", e))?;
             num_categories = objects.values().flatten().filter_map(|o| o.category_id).max().map_or(0, |m| m as usize + 1);
+            if val.as_ref().is_some_and(|v| lists_referents(&objects, v)) {
+                val_objects = Some(Arc::new(objects.clone()));
+            }
             data = data.with_objects(objects);
         } else if cfg.loss.perception_weight > 0.0 {
             return Err(Error::Config { field: "loss.perception_weight".into(), reason: "needs data.objects (a COCO instances.json listing every object)".into() });
@@ -242,6 +249,7 @@ impl Trainer {
             optim,
             data,
             val,
+            val_objects,
             tokenizer,
             tokenizer_bytes,
             state,
@@ -428,18 +436,23 @@ impl Trainer {
         Ok(Deris::new(&self.model_cfg, VarBuilder::from_tensors(tensors, DType::F32, &self.device))?)
     }
 
-    /// Validation on the val split (the config's score threshold, the reference protocol).
+    /// Validation on the val split (the config's score threshold, the reference protocol), with
+    /// the diagnosis when `val_objects` are known.
     fn validate(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Option<Value>> {
         let Some(split) = &self.val else { return Ok(None) };
-        let segmenter = Segmenter::new(self.inference_model()?, self.tokenizer.clone(), self.device.clone())?;
+        let segmenter = Segmenter::new(self.inference_model()?, self.tokenizer.clone(), self.device.clone())?.with_query_masks(self.val_objects.is_some());
         let mut options = EvalOptions::new(Task::for_layout(split.layout));
         options.limit = self.cfg.data.val_limit;
+        options.objects = self.val_objects.clone();
         options.batch_size = self.cfg.batch_size.max(8);
         on_event(Event::EvalStart { step: self.state.step, samples: options.limit.unwrap_or(usize::MAX).min(split.len()) });
         let report = evaluate(&segmenter, split, &options, |_| Ok::<(), Error>(()))
             .map_err(|e| Error::Training { step: self.state.step, reason: format!("validation: {e}") })?;
-        let v = json!({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "split": report.split,
-                       "samples": report.evaluated, "metrics": report.summary_json(), "seconds": report.seconds});
+        let mut v = json!({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "split": report.split,
+                           "samples": report.evaluated, "metrics": report.summary_json(), "seconds": report.seconds});
+        if let (Some(d), Value::Object(m)) = (&report.diagnosis, &mut v) {
+            m.insert("diagnosis".into(), serde_json::to_value(d).map_err(|e| Error::Training { step: self.state.step, reason: e.to_string() })?);
+        }
         on_event(Event::Eval(&v));
         Ok(Some(v))
     }
@@ -452,6 +465,14 @@ impl Trainer {
         write_file(&dir.join("tokenizer.spm"), &self.tokenizer_bytes)?;
         Ok(dir.to_path_buf())
     }
+}
+
+/// Every referent of `split` is among `objects` (by image and annotation id).
+fn lists_referents(objects: &ObjectIndex, split: &Split) -> bool {
+    split.samples.iter().all(|s| {
+        let listed = objects.get(&s.image_id).map_or(&[][..], Vec::as_slice);
+        s.targets.iter().all(|t| t.ann_id.is_some() && listed.iter().any(|o| o.target.ann_id == t.ann_id))
+    })
 }
 
 /// What one replica hands back: its gradients, loss value and terms, and phase times.
