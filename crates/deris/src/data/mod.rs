@@ -101,6 +101,11 @@ pub struct ImageObject {
     pub category_id: Option<u64>,
 }
 
+/// Every object of each image, by image id
+/// ([`readers::coco::Instances::objects_by_image`]): training's perception targets and the
+/// evaluation's diagnosis.
+pub type ObjectIndex = std::collections::HashMap<u64, Vec<ImageObject>>;
+
 /// One sample: an image, its sentence(s) and 0..n targets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

@@ -75,12 +75,7 @@ pub struct DiagnosisReport {
 
 /// `|a ∧ b| / |a ∨ b|` of two row-major 0/1 masks (0 when both are empty).
 fn iou(a: &[u8], b: &[u8]) -> f64 {
-    let (inter, union) = a.iter().zip(b).fold((0usize, 0usize), |(i, u), (&x, &y)| {
-        (
-            i + usize::from(x != 0 && y != 0),
-            u + usize::from(x != 0 || y != 0),
-        )
-    });
+    let (inter, union) = a.iter().zip(b).fold((0usize, 0usize), |(i, u), (&x, &y)| (i + usize::from(x != 0 && y != 0), u + usize::from(x != 0 || y != 0)));
     if union == 0 {
         0.0
     } else {
@@ -90,13 +85,10 @@ fn iou(a: &[u8], b: &[u8]) -> f64 {
 
 /// The index and value of the largest entry (the first of equals); `None` when empty.
 fn argmax(values: impl IntoIterator<Item = f64>) -> Option<(usize, f64)> {
-    values
-        .into_iter()
-        .enumerate()
-        .fold(None, |best, (i, v)| match best {
-            Some((_, b)) if b >= v => best,
-            _ => Some((i, v)),
-        })
+    values.into_iter().enumerate().fold(None, |best, (i, v)| match best {
+        Some((_, b)) if b >= v => best,
+        _ => Some((i, v)),
+    })
 }
 
 impl Diagnosis {
@@ -108,38 +100,16 @@ impl Diagnosis {
     pub fn add(&mut self, s: &DiagnosisSample) -> Result<(), String> {
         let (n, k) = (s.query_masks.len(), s.objects.len());
         if s.scores.len() != n || s.selected.len() != n || s.referent.len() != k {
-            return Err(format!(
-                "{n} query masks, {} scores, {} flags; {k} objects, {} referent flags",
-                s.scores.len(),
-                s.selected.len(),
-                s.referent.len()
-            ));
+            return Err(format!("{n} query masks, {} scores, {} flags; {k} objects, {} referent flags", s.scores.len(), s.selected.len(), s.referent.len()));
         }
         let size = s.gt.len();
-        if let Some(bad) = s
-            .query_masks
-            .iter()
-            .map(|m| m.data.len())
-            .chain(s.objects.iter().map(Vec::len))
-            .find(|&l| l != size)
-        {
+        if let Some(bad) = s.query_masks.iter().map(|m| m.data.len()).chain(s.objects.iter().map(Vec::len)).find(|&l| l != size) {
             return Err(format!("a mask has {bad} pixels, the ground truth {size}"));
         }
         // ious[o][q]
-        let ious: Vec<Vec<f64>> = s
-            .objects
-            .iter()
-            .map(|o| s.query_masks.iter().map(|m| iou(&m.data, o)).collect())
-            .collect();
-        let best: Vec<Option<(usize, f64)>> =
-            ious.iter().map(|row| argmax(row.iter().copied())).collect();
-        let lies_on: Vec<Option<usize>> = (0..n)
-            .map(|q| {
-                argmax(ious.iter().map(|row| row[q]))
-                    .filter(|&(_, v)| v >= ON_OBJECT_IOU)
-                    .map(|(o, _)| o)
-            })
-            .collect();
+        let ious: Vec<Vec<f64>> = s.objects.iter().map(|o| s.query_masks.iter().map(|m| iou(&m.data, o)).collect()).collect();
+        let best: Vec<Option<(usize, f64)>> = ious.iter().map(|row| argmax(row.iter().copied())).collect();
+        let lies_on: Vec<Option<usize>> = (0..n).map(|q| argmax(ious.iter().map(|row| row[q])).filter(|&(_, v)| v >= ON_OBJECT_IOU).map(|(o, _)| o)).collect();
 
         self.sentences += 1;
         self.objects += k;
@@ -152,23 +122,13 @@ impl Diagnosis {
         let mut union = vec![0u8; size];
         for (o, b) in best.iter().enumerate() {
             if let (true, Some((q, _))) = (s.referent[o], b) {
-                union
-                    .iter_mut()
-                    .zip(&s.query_masks[*q].data)
-                    .for_each(|(u, &m)| *u |= m);
+                union.iter_mut().zip(&s.query_masks[*q].data).for_each(|(u, &m)| *u |= m);
             }
         }
         self.oracle_sum += iou(&union, s.gt);
 
-        let on_other: Vec<usize> = (0..n)
-            .filter(|&q| lies_on[q].is_some_and(|o| !s.referent[o]))
-            .collect();
-        let referent_best: Vec<usize> = best
-            .iter()
-            .enumerate()
-            .filter(|(o, _)| s.referent[*o])
-            .filter_map(|(_, b)| b.map(|(q, _)| q))
-            .collect();
+        let on_other: Vec<usize> = (0..n).filter(|&q| lies_on[q].is_some_and(|o| !s.referent[o])).collect();
+        let referent_best: Vec<usize> = best.iter().enumerate().filter(|(o, _)| s.referent[*o]).filter_map(|(_, b)| b.map(|(q, _)| q)).collect();
         if !on_other.is_empty() && !referent_best.is_empty() {
             let mut wins = 0.0;
             for &r in &referent_best {
@@ -218,27 +178,12 @@ impl DiagnosisReport {
         let rows = [
             ("best-query IoU of each object (%)", f(self.best_query_iou)),
             ("oracle selection IoU (%)", f(self.oracle_iou)),
-            (
-                "ranking AUC, referents vs other objects (%)",
-                f(self.ranking_auc),
-            ),
-            (
-                "top-scoring query on a referent (%)",
-                f(self.top1_on_referent),
-            ),
-            (
-                "selected queries on other objects, per sentence",
-                f(self.selected_on_other),
-            ),
-            (
-                "selected queries on no object, per sentence",
-                f(self.selected_on_nothing),
-            ),
+            ("ranking AUC, referents vs other objects (%)", f(self.ranking_auc)),
+            ("top-scoring query on a referent (%)", f(self.top1_on_referent)),
+            ("selected queries on other objects, per sentence", f(self.selected_on_other)),
+            ("selected queries on no object, per sentence", f(self.selected_on_nothing)),
         ];
-        let mut out = format!(
-            "| Diagnosis ({} sentences) | |\n| --- | --- |\n",
-            self.sentences
-        );
+        let mut out = format!("| Diagnosis ({} sentences) | |\n| --- | --- |\n", self.sentences);
         for (name, value) in rows {
             out += &format!("| {name} | {value} |\n");
         }
@@ -251,21 +196,13 @@ mod tests {
     use super::*;
 
     fn mask(bits: &[u8]) -> BinaryMask {
-        BinaryMask {
-            height: 1,
-            width: bits.len(),
-            data: bits.to_vec(),
-        }
+        BinaryMask { height: 1, width: bits.len(), data: bits.to_vec() }
     }
 
     #[test]
     fn a_hand_made_sentence() {
         // Pixels 0..8; objects A = {0,1}, B = {4,5} (the referent), C = {6,7}.
-        let objects = vec![
-            vec![1, 1, 0, 0, 0, 0, 0, 0],
-            vec![0, 0, 0, 0, 1, 1, 0, 0],
-            vec![0, 0, 0, 0, 0, 0, 1, 1],
-        ];
+        let objects = vec![vec![1, 1, 0, 0, 0, 0, 0, 0], vec![0, 0, 0, 0, 1, 1, 0, 0], vec![0, 0, 0, 0, 0, 0, 1, 1]];
         let queries = [
             mask(&[1, 1, 0, 0, 0, 0, 0, 0]), // on A, IoU 1
             mask(&[0, 0, 0, 0, 1, 0, 0, 0]), // on B, IoU 0.5 (B's best query)
@@ -276,25 +213,10 @@ mod tests {
         let selected = [true, true, true, false];
         let gt = [0, 0, 0, 0, 1, 1, 0, 0];
         let mut d = Diagnosis::new();
-        d.add(&DiagnosisSample {
-            query_masks: &queries,
-            scores: &scores,
-            selected: &selected,
-            objects: &objects,
-            referent: &[false, true, false],
-            gt: &gt,
-        })
-        .unwrap();
+        d.add(&DiagnosisSample { query_masks: &queries, scores: &scores, selected: &selected, objects: &objects, referent: &[false, true, false], gt: &gt })
+            .unwrap();
         // and a sentence without referent
-        d.add(&DiagnosisSample {
-            query_masks: &queries,
-            scores: &scores,
-            selected: &selected,
-            objects: &objects,
-            referent: &[false; 3],
-            gt: &[0; 8],
-        })
-        .unwrap();
+        d.add(&DiagnosisSample { query_masks: &queries, scores: &scores, selected: &selected, objects: &objects, referent: &[false; 3], gt: &[0; 8] }).unwrap();
         let r = d.report();
         assert_eq!(r.sentences, 2);
         // best IoUs: A 1, B 0.5, C 0.5, twice
@@ -305,33 +227,17 @@ mod tests {
         assert!((r.ranking_auc.unwrap() - 50.0).abs() < 1e-9);
         // the top query (0.95) lies on nothing
         assert_eq!(r.top1_on_referent, Some(0.0));
-        assert_eq!(
-            (r.selected_on_other, r.selected_on_nothing),
-            (Some(1.0), Some(1.0))
-        );
-        assert!(r
-            .markdown()
-            .contains("| oracle selection IoU (%) | 75.00 |"));
+        assert_eq!((r.selected_on_other, r.selected_on_nothing), (Some(1.0), Some(1.0)));
+        assert!(r.markdown().contains("| oracle selection IoU (%) | 75.00 |"));
     }
 
     #[test]
     fn mismatched_inputs_are_errors() {
         let q = [mask(&[1, 0])];
         let mut d = Diagnosis::new();
-        let s = DiagnosisSample {
-            query_masks: &q,
-            scores: &[0.5],
-            selected: &[true],
-            objects: &[vec![1, 0, 0]],
-            referent: &[true],
-            gt: &[1, 0],
-        };
+        let s = DiagnosisSample { query_masks: &q, scores: &[0.5], selected: &[true], objects: &[vec![1, 0, 0]], referent: &[true], gt: &[1, 0] };
         assert!(d.add(&s).unwrap_err().contains("3 pixels"));
-        let s = DiagnosisSample {
-            scores: &[],
-            objects: &[vec![1, 0]],
-            ..s
-        };
+        let s = DiagnosisSample { scores: &[], objects: &[vec![1, 0]], ..s };
         assert!(d.add(&s).is_err());
         assert_eq!(d.report().sentences, 0);
     }

@@ -31,7 +31,6 @@
 //! [`Prediction::mask_model`]: crate::Prediction::mask_model
 //! [`Prediction::mask`]: crate::Prediction::mask
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
@@ -44,7 +43,7 @@ use serde_json::{json, Value};
 use super::diagnosis::{Diagnosis, DiagnosisReport, DiagnosisSample};
 use super::metrics::{GresMetrics, GresReport, RisMetrics, RisReport};
 use super::records::{PredictionRecord, RleJson};
-use crate::data::{DataError, ImageObject, Layout, Sample, Split};
+use crate::data::{DataError, Layout, ObjectIndex, Sample, Split};
 use crate::pipeline::{PreparedInput, Segmenter};
 use crate::post::BinaryMask;
 use crate::preprocess::image::load_image;
@@ -104,10 +103,6 @@ impl Protocol {
         }
     }
 }
-
-/// Every object of each image by image id (COCO `instances.json` read with
-/// [`crate::data::readers::coco::Instances::objects_by_image`]).
-pub type ObjectIndex = HashMap<u64, Vec<ImageObject>>;
 
 /// How to run an evaluation.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,6 @@
 //! batch are built in parallel; [`Prefetcher`] builds the next batches on a background thread
 //! while the current step runs.
 
-use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,7 +20,7 @@ use super::loss::Target;
 use crate::config::DerisConfig;
 use crate::data::nsc::{Nsc, NscDraw, NscOutcome, NscStats};
 use crate::data::rng::SplitMix64;
-use crate::data::{ImageObject, Sample};
+use crate::data::{ObjectIndex, Sample};
 use crate::error::{Error, Result};
 use crate::model::ModelInputs;
 use crate::preprocess::image::{load_image, preprocess, RgbImage};
@@ -50,7 +49,7 @@ pub struct TrainData {
     nsc: Option<Nsc>,
     augment: Augment,
     /// Every object of each image, by image id (perception targets), when given.
-    objects: Option<HashMap<u64, Vec<ImageObject>>>,
+    objects: Option<Arc<ObjectIndex>>,
     device: Device,
 }
 
@@ -143,7 +142,7 @@ impl TrainData {
 
     /// Gives every sample's image its objects (perception targets, [`Target::objects`]); an
     /// image missing from `objects` has none.
-    pub fn with_objects(mut self, objects: HashMap<u64, Vec<ImageObject>>) -> Self {
+    pub fn with_objects(mut self, objects: Arc<ObjectIndex>) -> Self {
         self.objects = Some(objects);
         self
     }

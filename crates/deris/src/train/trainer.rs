@@ -29,9 +29,9 @@ use crate::config::{BatchCoupling, DerisConfig};
 use crate::data::nsc::{Nsc, NscBank, NscConfig, NscStats};
 use crate::data::rng::SplitMix64;
 use crate::data::readers::coco::Instances;
-use crate::data::{AnnotationSource, Layout, Split};
+use crate::data::{AnnotationSource, Layout, ObjectIndex, Split};
 use crate::error::{Error, Result};
-use crate::eval::protocol::{evaluate, EvalOptions, ObjectIndex, Task};
+use crate::eval::protocol::{evaluate, EvalOptions, Task};
 use crate::model::{Deris, ModelInputs};
 use crate::pipeline::Segmenter;
 use crate::preprocess::text::{Tokenizer, WordUnigramOptions};
@@ -167,8 +167,9 @@ impl Trainer {
             let instances = Instances::load(path).map_err(|e| data_error("data.objects", e))?;
             let objects = instances.objects_by_image().map_err(|e| data_error("data.objects", e))?;
             num_categories = objects.values().flatten().filter_map(|o| o.category_id).max().map_or(0, |m| m as usize + 1);
+            let objects = Arc::new(objects);
             if val.as_ref().is_some_and(|v| lists_referents(&objects, v)) {
-                val_objects = Some(Arc::new(objects.clone()));
+                val_objects = Some(objects.clone());
             }
             data = data.with_objects(objects);
         } else if cfg.loss.perception_weight > 0.0 {

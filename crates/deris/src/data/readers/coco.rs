@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{annotation, parse_item, parse_json, read_text, truthy, SegmentationJson};
-use crate::data::{DataError, ImageObject, Result, Segmentation, Target};
+use crate::data::{DataError, ImageObject, ObjectIndex, Result, Segmentation, Target};
 
 /// An image entry.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,10 +93,10 @@ impl Instances {
     /// Every non-crowd annotation with its category, grouped by image, in annotation-id order:
     /// the objects of each image (training's perception targets). An annotation whose
     /// segmentation cannot be read is an error naming it.
-    pub fn objects_by_image(&self) -> Result<HashMap<u64, Vec<ImageObject>>> {
+    pub fn objects_by_image(&self) -> Result<ObjectIndex> {
         let mut ids: Vec<&i64> = self.annotations.keys().collect();
         ids.sort_unstable();
-        let mut out: HashMap<u64, Vec<ImageObject>> = HashMap::new();
+        let mut out = ObjectIndex::new();
         for id in ids {
             let a = &self.annotations[id];
             if a.is_crowd() {
