@@ -511,12 +511,13 @@ fn load<'s>(segmenter: &Segmenter, sample: &'s Sample, options: &EvalOptions, mo
     let (h, w) = (image.h as u32, image.w as u32);
     let to_model = |rle: &Rle| rle.resize_nearest(model_size, model_size).map_err(|err| EvalError::Mask { sample: sample.label.clone(), err });
     let gt = sample.gt_mask(h, w)?;
+    let gt_model = to_model(&gt)?;
     let objects = match &options.objects {
-        Some(index) => Some(model_objects(sample, index, &to_model(&gt)?, h, w, &to_model)?),
+        Some(index) => Some(model_objects(sample, index, &gt_model, h, w, &to_model)?),
         None => None,
     };
     let gt = match options.protocol {
-        Protocol::Reference => to_model(&gt)?,
+        Protocol::Reference => gt_model,
         Protocol::Original => gt,
     };
     let input = segmenter.prepare(&image, text).map_err(sample_error)?;
