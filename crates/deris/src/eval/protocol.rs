@@ -511,14 +511,18 @@ fn load<'s>(segmenter: &Segmenter, sample: &'s Sample, options: &EvalOptions, mo
     let (h, w) = (image.h as u32, image.w as u32);
     let to_model = |rle: &Rle| rle.resize_nearest(model_size, model_size).map_err(|err| EvalError::Mask { sample: sample.label.clone(), err });
     let gt = sample.gt_mask(h, w)?;
-    let gt_model = to_model(&gt)?;
-    let objects = match &options.objects {
-        Some(index) => Some(model_objects(sample, index, &gt_model, h, w, &to_model)?),
-        None => None,
+    // At the model's resolution only where the protocol or the diagnosis reads it.
+    let gt_model = match (options.protocol, &options.objects) {
+        (Protocol::Original, None) => None,
+        _ => Some(to_model(&gt)?),
     };
-    let gt = match options.protocol {
-        Protocol::Reference => gt_model,
-        Protocol::Original => gt,
+    let objects = match (&options.objects, &gt_model) {
+        (Some(index), Some(gt_model)) => Some(model_objects(sample, index, gt_model, h, w, &to_model)?),
+        _ => None,
+    };
+    let gt = match (options.protocol, gt_model) {
+        (Protocol::Reference, Some(gt_model)) => gt_model,
+        _ => gt,
     };
     let input = segmenter.prepare(&image, text).map_err(sample_error)?;
     Ok(Loaded { sample, input, gt, objects })
