@@ -20,8 +20,11 @@ pub struct QueryPrediction {
     pub score: f32,
     /// `score > score_threshold` (strictly): the query's mask is part of the final mask.
     pub selected: bool,
-    /// Box `[x0, y0, x1, y1]` in original-image pixels (the model-resolution box divided by
-    /// mmcv's `scale_factor`, as the authors' demo does).
+    /// The box head's box `[x0, y0, x1, y1]` in original-image pixels (the model-resolution box
+    /// divided by mmcv's `scale_factor`, as the authors' demo does). The authors' objective gives
+    /// the box head a zero weight, so in their released checkpoints (and in the embedded model)
+    /// it keeps its random initialisation and these boxes say nothing about the object
+    /// (TRAIN-EVAL-SPEC §5.6); [`Prediction::mask_bbox`] is the box of what was found.
     pub bbox: [f32; 4],
     /// Box `[x0, y0, x1, y1]` in model-input pixels, clipped to the model input.
     pub bbox_model: [f32; 4],
@@ -84,6 +87,12 @@ impl Prediction {
         self.queries.iter().map(|q| q.score).reduce(f32::max)
     }
 
+    /// The tight box `[x, y, w, h]` of the final mask in original-image pixels (COCO's `bbox`
+    /// convention), `None` when the mask is empty: the box of the referred objects.
+    pub fn mask_bbox(&self) -> Option<[usize; 4]> {
+        self.mask.bbox_xywh()
+    }
+
     /// The JSON form: sizes, decision, scores, boxes, timings and the final mask as a COCO RLE
     /// `{"size": [h, w], "counts": "…"}` (pycocotools' compressed string; per-query masks, when
     /// present, are RLEs at model resolution).
@@ -115,6 +124,7 @@ impl Prediction {
             "pred_nt": self.pred_nt,
             "mask": rle_json(&self.mask)?,
             "mask_area": self.mask.area(),
+            "mask_bbox_xywh": self.mask_bbox(),
             "mask_model_area": self.mask_model.area(),
             "queries": queries,
             "timings": self.timings,

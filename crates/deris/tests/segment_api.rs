@@ -144,6 +144,17 @@ fn segments_a_generated_image_at_its_original_size() {
     let counts = v["mask"]["counts"].as_str().unwrap();
     assert_eq!(decode_rle(counts, 150, 221), p.mask.data);
     assert_eq!(v["mask_area"], p.mask.area());
+    assert_eq!(v["mask_bbox_xywh"], serde_json::json!(p.mask_bbox()));
+    match p.mask_bbox() {
+        Some([x, y, w, h]) => {
+            // The box holds every set pixel, and each of its four edges touches one.
+            let set = |r: usize, c: usize| p.mask.data[r * 221 + c] != 0;
+            assert!((0..150).all(|r| (0..221).all(|c| !set(r, c) || (x..x + w).contains(&c) && (y..y + h).contains(&r))));
+            assert!((x..x + w).any(|c| set(y, c)) && (x..x + w).any(|c| set(y + h - 1, c)));
+            assert!((y..y + h).any(|r| set(r, x)) && (y..y + h).any(|r| set(r, x + w - 1)));
+        }
+        None => assert!(p.mask.is_empty() && v["mask_bbox_xywh"].is_null()),
+    }
 }
 
 #[test]

@@ -274,7 +274,8 @@ fn describe(p: &Prediction) -> String {
         format!("no target: best score {best:.3} <= {:.2}", p.score_threshold)
     } else {
         let share = 100.0 * p.mask.area() as f64 / (p.width() * p.height()).max(1) as f64;
-        format!("target: score {best:.3} > {:.2}, mask {share:.1}% of {}x{}", p.score_threshold, p.width(), p.height())
+        let bbox = p.mask_bbox().map(|[x, y, w, h]| format!(", box x {x} y {y} w {w} h {h}")).unwrap_or_default();
+        format!("target: score {best:.3} > {:.2}, mask {share:.1}% of {}x{}{bbox}", p.score_threshold, p.width(), p.height())
     }
 }
 

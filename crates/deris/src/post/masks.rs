@@ -20,6 +20,18 @@ impl BinaryMask {
     pub fn is_empty(&self) -> bool {
         self.data.iter().all(|&v| v == 0)
     }
+
+    /// The tight box `[x, y, w, h]` of the set pixels in pixel units, COCO's `bbox` convention
+    /// (pycocotools' `toBbox`: `w = x_max − x_min + 1`); `None` for an empty mask.
+    pub fn bbox_xywh(&self) -> Option<[usize; 4]> {
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        for (y, row) in self.data.chunks_exact(self.width.max(1)).enumerate() {
+            let (Some(first), Some(last)) = (row.iter().position(|&v| v != 0), row.iter().rposition(|&v| v != 0)) else { continue };
+            (x0, x1) = (x0.min(first), x1.max(last));
+            (y0, y1) = (y0.min(y), y);
+        }
+        (x0 != usize::MAX).then(|| [x0, y0, x1 - x0 + 1, y1 - y0 + 1])
+    }
 }
 
 /// `sigmoid(logits) >= threshold`, with PyTorch's f32 sigmoid `1/(1+exp(−x))`: tiny negative
@@ -62,5 +74,22 @@ mod tests {
         assert_eq!(u.flatten_all().unwrap().to_vec1::<u8>().unwrap(), vec![0; 4]);
         let one = Tensor::new(&[[0u8, 1]], &Device::Cpu).unwrap();
         assert_eq!(union_selected(&bin, &one).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap(), vec![1; 4]);
+    }
+
+    #[test]
+    fn bbox_is_pycocotools_to_bbox() {
+        // Masks with runs that wrap columns, touch the borders, or are empty, against
+        // deris_coco's port of pycocotools' `toBbox` (which walks column-major runs).
+        let (h, w) = (5usize, 7usize);
+        let cases: [&[(usize, usize)]; 5] = [&[], &[(2, 3)], &[(0, 6), (4, 0)], &[(1, 1), (1, 2), (3, 5)], &[(4, 6), (0, 0), (2, 4)]];
+        for set in cases {
+            let mut m = BinaryMask { height: h, width: w, data: vec![0; h * w] };
+            for &(y, x) in set {
+                m.data[y * w + x] = 1;
+            }
+            let rle = deris_coco::Rle::from_rowmajor(&m.data, h as u32, w as u32).unwrap();
+            let want = (!set.is_empty()).then(|| rle.to_bbox().map(|v| v as usize));
+            assert_eq!(m.bbox_xywh(), want, "{set:?}");
+        }
     }
 }
