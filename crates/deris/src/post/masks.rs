@@ -78,10 +78,12 @@ mod tests {
 
     #[test]
     fn bbox_is_pycocotools_to_bbox() {
-        // Masks with runs that wrap columns, touch the borders, or are empty, against
-        // deris_coco's port of pycocotools' `toBbox` (which walks column-major runs).
+        // Masks that are empty, touch the borders, or have a run wrapping from the bottom of one
+        // column to the top of the next (the last case), against deris_coco's port of
+        // pycocotools' `toBbox` (which walks column-major runs).
         let (h, w) = (5usize, 7usize);
-        let cases: [&[(usize, usize)]; 5] = [&[], &[(2, 3)], &[(0, 6), (4, 0)], &[(1, 1), (1, 2), (3, 5)], &[(4, 6), (0, 0), (2, 4)]];
+        let cases: [&[(usize, usize)]; 6] =
+            [&[], &[(2, 3)], &[(0, 6), (4, 0)], &[(1, 1), (1, 2), (3, 5)], &[(4, 6), (0, 0), (2, 4)], &[(3, 1), (4, 1), (0, 2), (1, 2)]];
         for set in cases {
             let mut m = BinaryMask { height: h, width: w, data: vec![0; h * w] };
             for &(y, x) in set {
